@@ -1,0 +1,179 @@
+"""``ppl-vae`` command line.
+
+    ppl-vae datasets                                   list data sets with shapes and column types
+    ppl-vae run MODEL --dataset NAME [--splits N] [--steps N] [--device cpu|cuda] [--out DIR] [--seed S]
+    ppl-vae fit MODEL --dataset NAME [--fold K] --out DIR     train one split, write a resumable checkpoint
+    ppl-vae evaluate CHECKPOINT [--num-samples K]      metrics of a checkpoint on its own test split
+
+Bad input (unknown data set/model, malformed CSV) exits with status 2 and a one-line message naming the fault;
+nothing already written is removed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="named data set (see `ppl-vae datasets`)")
+    g.add_argument("--csv", help="a CSV file of your own (empty/NaN cells are missing values)")
+    g.add_argument("--target", help="target column of --csv (optional)")
+    g.add_argument("--folds", type=int, default=10, help="K of the seeded K-fold partition (default 10)")
+    g.add_argument("--seed", type=int, default=0, help="seed of splits, masks, training, evaluation (default 0)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=3000, help="SVI steps per split, all stages (default 3000)")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--latent-dim", type=int, default=None, help="override the model's latent size")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ppl_vae.models import MODELS
+
+    parser = argparse.ArgumentParser(prog="ppl-vae", description="VAEs as Pyro programs: train, impute, predict, "
+                                     "diagnose.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("datasets", help="list the named data sets with shapes and column types")
+
+    run = sub.add_parser("run", help="train + evaluate a model on K-fold splits (METHODS §8)")
+    run.add_argument("model", help=f"one of: {', '.join(MODELS)}")
+    _add_data_args(run)
+    run.add_argument("--splits", type=int, default=None, help="how many of the folds to run (default: all)")
+    _add_train_args(run)
+    run.add_argument("--num-samples", type=int, default=1000, help="posterior samples K for the metrics")
+    run.add_argument("--out", default=None, help="output directory (default runs/<model>-<dataset>)")
+
+    fit = sub.add_parser("fit", help="train a model on one split and write a resumable checkpoint")
+    fit.add_argument("model", help=f"one of: {', '.join(MODELS)}")
+    _add_data_args(fit)
+    fit.add_argument("--fold", type=int, default=0)
+    _add_train_args(fit)
+    fit.add_argument("--out", required=True, help="output directory (checkpoint.pt is written there)")
+
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on its own test split")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--num-samples", type=int, default=1000)
+    ev.add_argument("--device", default="cpu")
+
+    for name, module in _EXTENSIONS.items():
+        ext = _load_extension(module)
+        if ext is not None:
+            p = sub.add_parser(name, help=getattr(ext, "HELP", None) or (ext.__doc__ or "").strip().split("\n")[0])
+            ext.add_arguments(p)
+    return parser
+
+
+#: subcommands contributed by other modules: name -> module exposing add_arguments(parser) and run(args)
+_EXTENSIONS = {"diagnose": "ppl_vae.diagnostics_cli", "ugvae-experiment": "ppl_vae.experiments.ugvae"}
+
+
+def _load_extension(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return None
+        raise
+
+
+def _cmd_datasets(args) -> int:
+    from ppl_vae.data import list_datasets, load_dataset
+
+    print(f"{'name':<18}{'rows':>7}{'cols':>6}  {'target':<22}column likelihoods")
+    for name in list_datasets():
+        d = load_dataset(name).describe()
+        counts = ", ".join(f"{k} {v}" for k, v in d.get("likelihoods", {}).items())
+        target = d.get("target_likelihood") or "-"
+        print(f"{name:<18}{d['rows']:>7}{d['num_features']:>6}  {target:<22}{counts}")
+    return 0
+
+
+def _dataset_from_args(args):
+    from ppl_vae.pipeline import resolve_dataset
+
+    ds = resolve_dataset(args.dataset, csv=args.csv, target=args.target)
+    spec = {"name": ds.name, "csv": str(Path(args.csv).resolve()) if args.csv else None, "target": args.target}
+    return ds, spec
+
+
+def _model_kwargs(args) -> dict:
+    return {} if args.latent_dim is None else {"latent_dim": args.latent_dim}
+
+
+def _cmd_run(args) -> int:
+    from ppl_vae.inference.evaluation import format_table
+    from ppl_vae.pipeline import run_experiment
+
+    ds, spec = _dataset_from_args(args)
+    out = Path(args.out or f"runs/{args.model}-{ds.name}")
+    res = run_experiment(args.model, ds, splits=args.splits, folds=args.folds, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, num_samples=args.num_samples, device=args.device,
+                         seed=args.seed, out=out, progress=not args.no_progress, model_kwargs=_model_kwargs(args),
+                         data_spec=spec)
+    print(f"\n{args.model} on {ds.name}: {len(res.split)} split(s), {args.steps} steps, K={args.num_samples}")
+    print("NLLs in the normalised domain (lower is better); RMSE in original target units\n")
+    print(format_table(res))
+    print(f"\nresults: {out / 'results.nc'}  checkpoints: {out}/fold*/checkpoint.pt")
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    from ppl_vae.pipeline import fit_split
+
+    ds, spec = _dataset_from_args(args)
+    splits = ds.splits(n_splits=args.folds, seed=args.seed)
+    if not 0 <= args.fold < len(splits):
+        raise SystemExit(f"ppl-vae: error: --fold must be in 0..{len(splits) - 1}")
+    spec.update({"folds": args.folds, "seed": args.seed})
+    out = Path(args.out)
+    ckpt = out / "checkpoint.pt"
+    _, history = fit_split(args.model, ds, splits[args.fold], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           device=args.device, seed=args.seed + args.fold, checkpoint=ckpt,
+                           progress=not args.no_progress, model_kwargs=_model_kwargs(args), data_spec=spec)
+    last = history[-1]["loss"] if history else float("nan")
+    print(f"trained {args.model} on {ds.name} fold {args.fold}: final loss {last:.4f}; checkpoint {ckpt}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from ppl_vae.pipeline import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, device=args.device)
+    for key, value in metrics.items():
+        print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+_COMMANDS = {"datasets": _cmd_datasets, "run": _cmd_run, "fit": _cmd_fit, "evaluate": _cmd_evaluate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``ppl-vae``; returns the exit status (2 on bad input)."""
+    from ppl_vae.errors import PplVaeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in _COMMANDS:
+            return _COMMANDS[args.command](args)
+        return int(_load_extension(_EXTENSIONS[args.command]).run(args) or 0)
+    except PplVaeError as exc:
+        print(f"ppl-vae: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

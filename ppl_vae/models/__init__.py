@@ -1,0 +1,40 @@
+"""Model families, each a Pyro program (``model(batch)`` / ``guide(batch)``) with its training stages.
+
+``MODELS`` maps the CLI name to the class; :func:`build_model` instantiates one and lists the valid names on a typo.
+Table models (``vae``, ``vaem``, ``hmc-vae``, ``hmc-vaem``) take a ``TableSchema``; image models (``ug-vae``,
+``beta-vae``, ``gmvae``, ``ml-vae``) take image sizes.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ppl_vae.errors import UnknownNameError
+from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
+from ppl_vae.models.predictor import Predictor
+from ppl_vae.models.table import TableVAE
+from ppl_vae.models.vae import VAE
+from ppl_vae.models.vaem import VAEM
+
+__all__ = ["Batch", "LatentVariableModel", "TrainingStage", "Predictor", "TableVAE", "VAE", "VAEM", "MODELS",
+           "TABLE_MODELS", "build_model", "model_class"]
+
+#: CLI name -> "module:Class" (imported lazily so optional families cost nothing until used)
+MODELS = {
+    "vae": "ppl_vae.models.vae:VAE",
+    "vaem": "ppl_vae.models.vaem:VAEM",
+}
+#: the models ``ppl-vae run`` trains on tables
+TABLE_MODELS = ("vae", "vaem")
+
+
+def model_class(name: str) -> type:
+    """The class registered under ``name``. Raises :class:`~ppl_vae.errors.UnknownNameError` (lists choices)."""
+    if name not in MODELS:
+        raise UnknownNameError("model", name, MODELS)
+    module, _, cls = MODELS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(name: str, *args, **kwargs) -> LatentVariableModel:
+    """Instantiate the model registered under ``name`` with the given arguments."""
+    return model_class(name)(*args, **kwargs)

@@ -1,0 +1,51 @@
+"""VAE and β-VAE for partially observed mixed-type tables (Kingma & Welling 2014; Higgins et al. 2017; the
+Partial-VAE encoder of Ma et al. 2018).
+
+``h ~ N(0, I)``, ``x_d | h ~ p_d(x_d | decoder(h))`` for every observed entry d (masked likelihood heads of
+:mod:`ppl_vae.likelihoods`), ``y | x̂, h`` by the predictor; guide ``q(h | x_O, y_O)``. ``beta != 1`` weights the
+KL term (β-VAE).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ppl_vae.models.base import Batch
+from ppl_vae.models.table import TableVAE
+from ppl_vae.nn import MLP
+
+__all__ = ["VAE"]
+
+
+class VAE(TableVAE):
+    """VAE whose decoder emits the parameters of every column's likelihood.
+
+    Args: see :class:`~ppl_vae.models.table.TableVAE` (``schema``, ``latent_dim``, ``hidden``,
+    ``predictor_hidden``, ``beta``, ``kl_warmup``, ``gaussian_scale``).
+
+    Latent site ``"z"``: ``(batch, latent_dim)``. Observation sites ``"x_<likelihood>"`` (one per likelihood type,
+    masked by ``x_mask``) and ``"y_<likelihood>"`` (masked by ``y_mask``).
+    """
+
+    name = "vae"
+    latent_site = "z"
+
+    def __init__(self, schema, latent_dim: int = 10, hidden=(64, 64), **kwargs):
+        super().__init__(schema, latent_dim=latent_dim, hidden=hidden, **kwargs)
+        self.decoder = MLP(self.latent_dim, list(hidden)[::-1], self.x_likelihood.param_dim)
+
+    def generative_modules(self) -> dict:
+        return {"decoder": self.decoder, **super().generative_modules()}
+
+    def x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``decoder(h)``: ``(..., batch, param_dim)``."""
+        return self.decoder(h)
+
+    def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
+        params = self.x_params(h, batch) if x_params is None else x_params
+        self.x_likelihood.observe("x", params, batch.x, batch.x_mask)
+
+    def log_lik_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> torch.Tensor:
+        params = self.x_params(h, batch) if x_params is None else x_params
+        return self.x_likelihood.log_prob(params, batch.x, batch.x_mask)

@@ -1,0 +1,191 @@
+"""VAEM: marginal VAEs per column, then a dependency VAE over their codes (Ma et al. 2020, NeurIPS; METHODS §2).
+
+Stage 1 (``"marginal"``). Every column d has its own VAE with a 1-D latent ``z_d ~ N(0, 1)``: encoder
+``[features(x_d) ⊙ m_d, m_d] -> (μ_d, σ_d)``, decoder ``z_d ->`` the parameters of column d's likelihood. Trained on
+observed entries only (both the latent and the likelihood sites are masked by ``m_d``); the KL of discrete
+columns is weighted by 0.2 as in the reference. The D networks run as one :class:`~ppl_vae.nn.ColumnwiseMLP`.
+
+Stage 2 (``"dependency"``). The marginal VAEs are frozen; the marginal code of an observed entry is its
+encoder mean. A dependency VAE models the code vector: ``h ~ N(0, I)``, ``z | h ~ N(μ(h), σ(h))`` masked by
+``m_x`` (every column enters as a Gaussian code: the balanced likelihood that is VAEM's point), and
+``y | x̂, h`` by the predictor, where ``x̂`` decodes the code mean through the frozen marginal decoders. Its
+encoder reads ``[z ⊙ m_x, m_x, y ⊙ m_y, m_y]``. A missing ``x_d`` is imputed by decoding a code drawn from
+``p(z_d | h)`` through column d's marginal decoder.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ppl_vae.models.base import Batch, TrainingStage
+from ppl_vae.models.table import TableVAE
+from ppl_vae.nn import ColumnwiseMLP, GaussianHead, MLP
+
+__all__ = ["MarginalVAEs", "VAEM"]
+
+
+class MarginalVAEs(nn.Module):
+    """D one-dimensional VAEs, one per column, evaluated in one batched call.
+
+    Args:
+        likelihood: the table's :class:`~ppl_vae.likelihoods.MixedLikelihood` (column widths come from it).
+        hidden: hidden width of each marginal encoder/decoder (reference: 32).
+
+    Shapes: :meth:`encode` ``(batch, feature_dim)``, ``(batch, D)`` -> ``(loc, scale)`` each ``(batch, D)``;
+    :meth:`decode` ``(..., batch, D)`` codes -> ``(..., batch, param_dim)`` flat likelihood parameters.
+    """
+
+    def __init__(self, likelihood, hidden: int = 32):
+        super().__init__()
+        D = likelihood.num_columns
+        fw, pw = likelihood.feature_widths, likelihood.param_widths
+        self.wmax, self.pmax = max(fw), max(pw)
+        f_index = torch.zeros(D, self.wmax, dtype=torch.long)
+        f_valid = torch.zeros(D, self.wmax, dtype=torch.bool)
+        p_index = []
+        f_off = 0
+        for d in range(D):
+            f_index[d, :fw[d]] = f_off + torch.arange(fw[d])
+            f_valid[d, :fw[d]] = True
+            f_off += fw[d]
+            p_index += [d * self.pmax + j for j in range(pw[d])]
+        self.register_buffer("_f_index", f_index, persistent=False)
+        self.register_buffer("_f_valid", f_valid, persistent=False)
+        self.register_buffer("_p_index", torch.tensor(p_index, dtype=torch.long), persistent=False)
+        self.encoder = ColumnwiseMLP(D, self.wmax + 1, [hidden], 2, activation="relu")
+        self.decoder = ColumnwiseMLP(D, 1, [hidden], self.pmax, activation="relu")
+
+    def encode(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per_col = features[..., self._f_index].masked_fill(~self._f_valid, 0.0)
+        out = self.encoder(torch.cat([per_col, mask.to(features.dtype).unsqueeze(-1)], -1))
+        return out[..., 0], F.softplus(out[..., 1]) + 1e-3
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(z.unsqueeze(-1))  # (..., batch, D, pmax)
+        return out.flatten(-2)[..., self._p_index]
+
+
+class VAEM(TableVAE):
+    """VAEM (Ma et al. 2020): marginal VAEs + a dependency VAE, with the predictor of METHODS §3.
+
+    Args:
+        schema, latent_dim, hidden, predictor_hidden, beta, kl_warmup, gaussian_scale: see
+            :class:`~ppl_vae.models.table.TableVAE` (they configure the dependency VAE).
+        marginal_hidden: hidden width of each marginal VAE (reference 32).
+        marginal_steps: steps of stage 1; ``None`` -> a third of the total steps given to
+            :meth:`training_stages` (reference: ~1k).
+        discrete_kl_weight: KL weight of the marginal VAEs of bernoulli/categorical columns (reference 0.2).
+
+    Sites: stage 1 ``"z_marginal_real"``/``"z_marginal_discrete"`` ``(batch, n)`` and ``"x_<likelihood>"``;
+    stage 2 latent ``"h"`` ``(batch, latent_dim)``, observed codes ``"codes"`` ``(batch, D)`` and ``"y_<likelihood>"``.
+    """
+
+    name = "vaem"
+    latent_site = "h"
+
+    def __init__(self, schema, latent_dim: int = 10, hidden: Sequence[int] = (64, 64), marginal_hidden: int = 32,
+                 marginal_steps: Optional[int] = None, discrete_kl_weight: float = 0.2, **kwargs):
+        super().__init__(schema, latent_dim=latent_dim, hidden=hidden, marginal_hidden=marginal_hidden,
+                         marginal_steps=marginal_steps, discrete_kl_weight=discrete_kl_weight, **kwargs)
+        self.marginal = MarginalVAEs(self.x_likelihood, marginal_hidden)
+        self.code_decoder = nn.Sequential(MLP(self.latent_dim, list(hidden)[::-1][:-1], list(hidden)[0]),
+                                          nn.ReLU(), GaussianHead(list(hidden)[0], self.x_likelihood.num_columns))
+        self.marginal_steps = marginal_steps
+        kinds = self.x_likelihood.kinds
+        groups = []
+        for gname, is_disc, weight in (("real", False, 1.0), ("discrete", True, float(discrete_kl_weight))):
+            cols = [d for d, k in enumerate(kinds) if (k in ("bernoulli", "categorical")) == is_disc]
+            if cols:
+                groups.append((gname, weight))
+                self.register_buffer(f"_group_{gname}", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self._groups = groups
+
+    # ------------------------------------------------------------------ stage 1: marginal VAEs
+    def marginal_model(self, batch: Batch) -> None:
+        """Stage-1 Pyro model: independent ``z_d ~ N(0, 1)`` per observed entry, ``x_d | z_d`` per column."""
+        pyro.module("marginal_decoder", self.marginal.decoder)
+        mask = batch.x_mask.bool()
+        with pyro.plate("data", batch.size, dim=-1, device=batch.device):
+            z = batch.x.new_zeros(batch.size, self.x_likelihood.num_columns)
+            for gname, weight in self._groups:
+                cols = getattr(self, f"_group_{gname}")
+                prior = dist.Normal(batch.x.new_zeros(()), 1.0).expand([batch.size, len(cols)])
+                with poutine.scale(scale=weight):
+                    zg = pyro.sample(f"z_marginal_{gname}", prior.mask(mask[:, cols]).to_event(1))
+                z = z.index_copy(-1, cols, zg)
+            self.x_likelihood.observe("x", self.marginal.decode(z), batch.x, mask)
+
+    def marginal_guide(self, batch: Batch) -> None:
+        """Stage-1 guide: ``q(z_d | x_d)`` per observed entry."""
+        pyro.module("marginal_encoder", self.marginal.encoder)
+        mask = batch.x_mask.bool()
+        with pyro.plate("data", batch.size, dim=-1, device=batch.device):
+            loc, scale = self.marginal.encode(self.observation_features_for_predictor(batch), mask)
+            for gname, weight in self._groups:
+                cols = getattr(self, f"_group_{gname}")
+                with poutine.scale(scale=weight):
+                    pyro.sample(f"z_marginal_{gname}",
+                                dist.Normal(loc[:, cols], scale[:, cols]).mask(mask[:, cols]).to_event(1))
+
+    # ------------------------------------------------------------------ stage 2: dependency VAE
+    def codes(self, batch: Batch) -> torch.Tensor:
+        """Frozen marginal codes (encoder means) ``(batch, D)``, 0 on missing entries; cached per batch."""
+        def compute():
+            with torch.no_grad():
+                loc, _ = self.marginal.encode(self.observation_features_for_predictor(batch), batch.x_mask.bool())
+            return loc.masked_fill(~batch.x_mask.bool(), 0.0)
+        return batch.cached("vaem_codes", compute)
+
+    def observation_width(self) -> int:
+        return self.x_likelihood.num_columns
+
+    def observation_features(self, batch: Batch) -> torch.Tensor:
+        return self.codes(batch)
+
+    def code_distribution(self, h: torch.Tensor) -> dist.Normal:
+        """``p(z | h)``: Normal with batch shape ``(..., batch, D)``."""
+        loc, scale = self.code_decoder(h)
+        return dist.Normal(loc, scale)
+
+    def x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Table likelihood parameters from the code mean ``μ(h)`` through the frozen marginal decoders."""
+        return self.marginal.decode(self.code_decoder(h)[0])
+
+    def predictive_x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``p(x_d | h)`` via one code draw ``z ~ p(z | h)`` decoded by the marginal decoders."""
+        return self.marginal.decode(self.code_distribution(h).sample())
+
+    def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
+        pyro.sample("codes", self.code_distribution(h).mask(batch.x_mask.bool()).to_event(1), obs=self.codes(batch))
+
+    def log_lik_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> torch.Tensor:
+        lp = self.code_distribution(h).log_prob(self.codes(batch))
+        return lp.masked_fill(~batch.x_mask.bool(), 0.0).sum(-1)
+
+    def generative_modules(self) -> dict:
+        return {"code_decoder": self.code_decoder, **super().generative_modules()}
+
+    def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
+        """``[marginal, dependency]``: stage 1 gets ``marginal_steps`` (default a third of ``steps``)."""
+        n1 = self.marginal_steps if self.marginal_steps is not None else max(1, steps // 3)
+        dependency = self.elbo_stage(max(1, steps - n1), lr, name="dependency")
+        schedule = dependency.on_step
+
+        def freeze_then_schedule(step: int) -> None:
+            self.freeze_marginals()
+            schedule(step)
+
+        dependency.on_step = freeze_then_schedule
+        return [TrainingStage("marginal", self.marginal_model, self.marginal_guide, pyro.infer.Trace_ELBO(), n1,
+                              max(lr, 3e-3), on_step=lambda step: self.marginal.requires_grad_(True)),
+                dependency]
+
+    def freeze_marginals(self) -> None:
+        """Stop gradients into the marginal VAEs (stage 2 and later); gradients w.r.t. inputs still flow."""
+        self.marginal.requires_grad_(False)
