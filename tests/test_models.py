@@ -1,0 +1,145 @@
+"""VAE / VAEM as Pyro programs: log joint vs trace, training improves the ELBO, seeds, checkpoints, resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+
+from ppl_vae.data import load_dataset
+from ppl_vae.inference import Trainer, evaluate_split, load_model
+from ppl_vae.models import VAE, VAEM, build_model
+from ppl_vae.errors import UnknownNameError
+
+
+@pytest.fixture(scope="module")
+def boston_split():
+    return load_dataset("boston").splits(n_splits=10, seed=0)[0]
+
+
+def trace_log_joint(model, latent, batch):
+    model.kl_weight = 1.0
+    tr = poutine.trace(poutine.condition(model.model, {model.latent_site: latent})).get_trace(batch)
+    tr.compute_log_prob()
+    return sum(site["log_prob"] for site in tr.nodes.values() if site["type"] == "sample")
+
+
+@pytest.mark.parametrize("cls", [VAE, VAEM])
+def test_fast_log_joint_equals_pyro_trace(cls, boston_split):
+    ds = load_dataset("boston")
+    torch.manual_seed(1)
+    model = cls(ds.schema, latent_dim=5)
+    batch = next(boston_split.train.loader(64, seed=0))
+    assert not batch.x_mask.all() and not batch.y_mask.all()   # train-time missingness is on
+    h = torch.randn(batch.size, 5)
+    torch.testing.assert_close(model.log_joint(h, batch), trace_log_joint(model, h, batch), rtol=0, atol=1e-4)
+    # batched over chains: (C, B, L) -> (C, B)
+    hc = torch.randn(3, batch.size, 5)
+    lj = model.log_joint(hc, batch)
+    assert lj.shape == (3, batch.size)
+    torch.testing.assert_close(lj[1], model.log_joint(hc[1], batch))
+
+
+def _mean_loss(history, stage, first):
+    losses = [h["loss"] for h in history if h["stage"] == stage]
+    return float(np.mean(losses[:30] if first else losses[-30:]))
+
+
+def test_vae_training_improves_elbo_on_boston(boston_split):
+    ds = load_dataset("boston")
+    model = VAE(ds.schema, latent_dim=5)
+    history = Trainer(model, seed=0, progress=False).fit(boston_split.train, 400)
+    first, last = _mean_loss(history, "elbo", True), _mean_loss(history, "elbo", False)
+    assert last < first - 1.0, (first, last)
+    metrics = evaluate_split(model, boston_split, num_samples=100)
+    assert all(math.isfinite(metrics[k]) for k in ("imputation_nll", "target_nll", "rmse"))
+    assert metrics["rows_without_hidden"] == 0 and metrics["num_rows"] == len(boston_split.test)
+
+
+def test_vaem_stages_freeze_marginals(boston_split):
+    ds = load_dataset("boston")
+    model = VAEM(ds.schema, latent_dim=5, marginal_steps=150)
+    trainer = Trainer(model, seed=0, progress=False)
+    stages = model.training_stages(300)
+    assert [s.name for s in stages] == ["marginal", "dependency"] and stages[0].steps == 150
+    history = trainer.fit(boston_split.train, 300)
+    marg = [h["loss"] for h in history if h["stage"] == "marginal"]
+    assert np.mean(marg[-20:]) < np.mean(marg[:20])
+    # a second dependency-stage run leaves the marginal VAEs untouched
+    snapshot = {k: v.clone() for k, v in model.marginal.state_dict().items()}
+    dep = model.training_stages(300)[1]
+    import pyro
+    from pyro.infer import SVI
+    svi = SVI(dep.model, dep.guide, pyro.optim.Adam({"lr": 1e-2}), dep.loss)
+    batch = next(boston_split.train.loader(64, seed=1))
+    for t in range(5):
+        dep.on_step(t)
+        svi.step(batch)
+    for k, v in model.marginal.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def test_fixed_seed_identical_results(boston_split, tmp_path):
+    from ppl_vae.pipeline import run_experiment
+    ds = load_dataset("yacht")
+    a = run_experiment("vae", ds, splits=1, steps=60, num_samples=30, seed=3, progress=False)
+    b = run_experiment("vae", ds, splits=1, steps=60, num_samples=30, seed=3, progress=False)
+    c = run_experiment("vae", ds, splits=1, steps=60, num_samples=30, seed=4, progress=False)
+    for key in ("imputation_nll", "target_nll", "rmse"):
+        assert float(a[key][0]) == float(b[key][0])
+    assert float(a["imputation_nll"][0]) != float(c["imputation_nll"][0])
+
+
+def test_checkpoint_round_trip_reproduces_evaluation(tmp_path):
+    from ppl_vae.pipeline import evaluate_checkpoint, run_experiment
+    ds = load_dataset("yacht")
+    res = run_experiment("vaem", ds, splits=1, steps=80, num_samples=40, seed=0, out=tmp_path, progress=False)
+    ckpt = tmp_path / "fold0" / "checkpoint.pt"
+    again = evaluate_checkpoint(ckpt, num_samples=40)
+    for key in ("imputation_nll", "target_nll", "rmse"):
+        assert again[key] == pytest.approx(float(res[key][0]), rel=1e-6)
+    assert (tmp_path / "results.nc").exists() and (tmp_path / "results.md").exists()
+    model = load_model(ckpt)
+    assert isinstance(model, VAEM) and model.config["latent_dim"] == 10
+
+
+def test_resume_after_crash_matches_uninterrupted_run(boston_split, tmp_path):
+    ds = load_dataset("boston")
+
+    def train(steps, ckpt, crash_at=None):
+        torch.manual_seed(0)
+        model = VAE(ds.schema, latent_dim=4)
+        loader = boston_split.train.loader(32, seed=0)
+
+        def batches():
+            for i, b in enumerate(loader):
+                if crash_at is not None and i == crash_at:
+                    raise KeyboardInterrupt("simulated crash")
+                yield b
+        trainer = Trainer(model, seed=0, progress=False, checkpoint=ckpt, checkpoint_every=50)
+        trainer.fit(batches, steps)
+        return model
+
+    ref = train(150, None)
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(150, ckpt, crash_at=120)
+    assert ckpt.exists()
+    resumed = train(150, ckpt)           # picks up at step 100 from the checkpoint
+    for (k, v), (_, w) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=0, atol=1e-6, msg=k)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(UnknownNameError, match="vaem"):
+        build_model("vaemm", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda(boston_split):
+    ds = load_dataset("boston")
+    model = VAEM(ds.schema, latent_dim=5, marginal_steps=20)
+    Trainer(model, device="cuda", progress=False).fit(boston_split.train, 40)
+    assert next(model.parameters()).device.type == "cuda"
+    metrics = evaluate_split(model, boston_split, num_samples=50)
+    assert math.isfinite(metrics["target_nll"])
