@@ -22,9 +22,15 @@ __all__ = ["Batch", "LatentVariableModel", "TrainingStage", "Predictor", "TableV
 MODELS = {
     "vae": "ppl_vae.models.vae:VAE",
     "vaem": "ppl_vae.models.vaem:VAEM",
+    "hmc-vae": "ppl_vae.models.hmc:HMCVAE",
+    "hmc-vaem": "ppl_vae.models.hmc:HMCVAEM",
+    "ug-vae": "ppl_vae.models.ugvae:UGVAE",
+    "beta-vae": "ppl_vae.models.betavae:BetaVAE",
+    "gmvae": "ppl_vae.models.gmvae:GMVAE",
+    "ml-vae": "ppl_vae.models.mlvae:MLVAE",
 }
 #: the models ``ppl-vae run`` trains on tables
-TABLE_MODELS = ("vae", "vaem")
+TABLE_MODELS = ("vae", "vaem", "hmc-vae", "hmc-vaem")
 
 
 def model_class(name: str) -> type:

@@ -1,0 +1,125 @@
+"""GMVAE: a VAE with a Gaussian-mixture prior and an enumerated component, no global latent (the UG-VAE baseline
+of Peis et al. 2023, after Dilokthanakul et al. 2016, "Deep unsupervised clustering with Gaussian mixture VAEs").
+
+Generative model (per datapoint; no variable is shared across the batch)::
+
+    for i in plate("data", B):
+        d_i ~ Cat(1/K)                                 enumerated
+        z_i | d_i ~ N(mu_{d_i}, diag sigma_{d_i}^2)    K learned component means / scales
+        x_i | z_i ~ Bernoulli(logits = f(z_i))         (or Gaussian)
+
+Guide: ``q(z_i | x_i) q(d_i | z_i)`` with ``q(d_i | z_i) = Cat(softmax(MLP_tanh(z_i)))`` enumerated on the guide
+side, so :class:`pyro.infer.TraceEnum_ELBO` computes exactly
+``E_q[log p(x|z)] - KL(q(d|z) || Cat(1/K)) - E_q(z)[log q(z|x) - sum_k q(k|z) log p(z|k)]`` — UG-VAE's ELBO
+without beta. This is UG-VAE with beta removed: the component parameters are free parameters instead of networks of
+beta (Dilokthanakul et al.'s extra per-point latent ``w`` is omitted; state this when comparing).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
+from ppl_vae.models.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
+                                  pixel_likelihood)
+from ppl_vae.nn import MLP, GaussianHead
+
+__all__ = ["GMVAE"]
+
+
+class GMVAE(LatentVariableModel):
+    """Gaussian-mixture-prior VAE with an enumerated component (Dilokthanakul et al. 2016, simplified; the GMVAE
+    baseline of the UG-VAE paper).
+
+    Args:
+        x_dim: features per datapoint (784 for 28x28 images).
+        dim_z: latent size.
+        num_components: K mixture components.
+        arch: ``"mlp"`` or ``"conv"`` (see :mod:`ppl_vae.models.image`).
+        likelihood: ``"bernoulli"`` or ``"gaussian"``.
+        hidden: hidden width.
+        pixel_scale: fixed Gaussian scale, or ``None`` to learn it (Gaussian likelihood only).
+
+    Pyro sites in ``plate("data", B)``: ``d`` (enumerated), ``z`` (event ``(dim_z,)``), ``x`` (observed).
+
+    Raises:
+        ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``. ValueError: non-positive sizes.
+    """
+
+    name = "gmvae"
+
+    def __init__(self, x_dim: int = 784, dim_z: int = 10, num_components: int = 10, arch: str = "mlp",
+                 likelihood: str = "bernoulli", hidden: int = 256, pixel_scale: Optional[float] = None):
+        super().__init__(x_dim=x_dim, dim_z=dim_z, num_components=num_components, arch=arch,
+                         likelihood=likelihood, hidden=hidden, pixel_scale=pixel_scale)
+        check_arch(arch, likelihood, x_dim)
+        if min(dim_z, num_components, hidden) <= 0:
+            raise ValueError("dim_z, num_components and hidden must be positive")
+        self.x_dim, self.dim_z, self.num_components, self.likelihood = x_dim, dim_z, num_components, likelihood
+        self.encoder = build_image_encoder(arch, x_dim, hidden)
+        self.z_head = GaussianHead(hidden, dim_z)
+        self.d_net = MLP(dim_z, [hidden], num_components, activation="tanh")
+        # spread the initial component means so that the components are distinguishable from the start
+        self.component_loc = nn.Parameter(torch.randn(num_components, dim_z))
+        self.component_raw_scale = nn.Parameter(torch.zeros(num_components, dim_z))
+        self.decoder = build_image_decoder(arch, dim_z, x_dim, hidden)
+        self.pixel_scale = PixelScale(x_dim, pixel_scale) if likelihood == "gaussian" else None
+
+    def component_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of the K prior components, each ``(K, dim_z)``; ``scale = softplus(raw) + 1e-3``."""
+        return self.component_loc, F.softplus(self.component_raw_scale) + 1e-3
+
+    def model(self, batch: Batch) -> None:
+        """p(x, z, d) = p(x | z) p(z | d) Cat(d; 1/K) for every row of ``batch.x (B, x_dim)``."""
+        pyro.module("gmvae", self)
+        dev = batch.x.device
+        loc, scale = self.component_params()
+        with pyro.plate("data", batch.size, device=dev):
+            d = pyro.sample("d", dist.Categorical(logits=batch.x.new_zeros(self.num_components)),
+                            infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(loc[d], scale[d]).to_event(1))
+            out = self.decoder(z)
+            sc = self.pixel_scale() if self.pixel_scale is not None else None
+            pyro.sample("x", pixel_likelihood(out, batch.x_mask, self.likelihood, sc), obs=batch.x)
+
+    def guide(self, batch: Batch) -> None:
+        """q(z | x) q(d | z), ``d`` enumerated under q(d | z)."""
+        pyro.module("gmvae", self)
+        loc, scale = self.z_head(self.encoder(batch.x))
+        with pyro.plate("data", batch.size, device=batch.x.device):
+            z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("d", dist.Categorical(logits=self.d_net(z)), infer={"enumerate": "parallel"})
+
+    def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
+        """One ``TraceEnum_ELBO(max_plate_nesting=1)`` stage."""
+        import pyro.infer
+
+        return [TrainingStage("elbo", self.model, self.guide, pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
+                              steps, lr)]
+
+    @torch.no_grad()
+    def encode_local(self, batch: Batch) -> torch.Tensor:
+        """Posterior mean of z. Shapes: ``(B, x_dim) -> (B, dim_z)``."""
+        return self.z_head(self.encoder(batch.x))[0]
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean image of p(x | z). Shapes: ``(..., dim_z) -> (..., x_dim)``."""
+        return mean_image(self.decoder(z), self.likelihood)
+
+    @torch.no_grad()
+    def sample(self, num_batches: int, batch_size: int, generator: Optional[torch.Generator] = None,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+        """Ancestral mean images: ``d ~ Cat(1/K)``, ``z ~ p(z | d)``. Shapes: ``-> (num_batches, batch_size,
+        x_dim)``."""
+        device = device or self.component_loc.device
+        loc, scale = self.component_params()
+        d = torch.randint(self.num_components, (num_batches, batch_size), generator=generator, device=device)
+        eps = torch.randn(num_batches, batch_size, self.dim_z, generator=generator, device=device, dtype=loc.dtype)
+        z = loc[d] + scale[d] * eps
+        return self.generate(z)
