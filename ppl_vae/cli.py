@@ -169,7 +169,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command in _COMMANDS:
             return _COMMANDS[args.command](args)
-        return int(_load_extension(_EXTENSIONS[args.command]).run(args) or 0)
+        result = _load_extension(_EXTENSIONS[args.command]).run(args)
+        report = Path(getattr(args, "out", None) or ".") / "results.md"
+        if not isinstance(result, int) and getattr(args, "out", None) and report.exists():
+            print(report.read_text())
+            print(f"written to {report.parent}/")
+        return result if isinstance(result, int) else 0
     except PplVaeError as exc:
         print(f"ppl-vae: error: {exc}", file=sys.stderr)
         return 2

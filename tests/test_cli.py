@@ -92,3 +92,11 @@ def test_missing_target_column(tmp_path, user_frame, capsys):
                  "--no-progress", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "price" in capsys.readouterr().err
+
+
+def test_ugvae_experiment_subcommand(tmp_path, capsys):
+    assert main(["ugvae-experiment", "--smoke", "--experiment", "interpolation", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "UG-VAE experiments" in out
+    assert any(p.suffix == ".png" for p in tmp_path.iterdir())

@@ -36,8 +36,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, LatentVariableModel
+from ppl_vae.pipeline import resolve_device
 
-__all__ = ["EXPERIMENTS", "resolve_device", "train_svi", "mnist_split", "save_image_grid", "interpolation_grids",
+__all__ = ["EXPERIMENTS", "train_svi", "mnist_split", "save_image_grid", "interpolation_grids",
            "svm_accuracy_table", "global_representation", "domain_alignment", "DigitClassifier",
            "train_digit_classifier", "frechet_distance", "sample_quality", "markdown_table", "add_arguments", "run"]
 
@@ -46,31 +47,11 @@ EXPERIMENTS = ("interpolation", "global", "domain", "fid")
 
 
 # ---------------------------------------------------------------------------------------------------- utilities
-def resolve_device(name: str | torch.device = "cpu") -> torch.device:
-    """``"cpu" | "cuda" | "cuda:N" | "auto"`` -> :class:`torch.device` (``auto`` = CUDA when available).
-
-    Raises:
-        ValueError: CUDA requested but unavailable, or a malformed device string.
-    """
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"bad device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 def train_svi(model: LatentVariableModel, batches: Iterable[Batch], steps: int, lr: float = 5e-3,
               device: str | torch.device = "cpu", seed: Optional[int] = None, progress: bool = True,
               desc: Optional[str] = None) -> list[float]:
-    """Train a model on a stream of batches with its own :meth:`training_stages` (``pyro.infer.SVI`` +
-    ``pyro.optim.Adam``).
-
-    Clears the Pyro parameter store first (each model registers its modules with ``pyro.module``), moves the model to
-    ``device`` and every batch to it.
+    """Train a model on a stream of batches with its own :meth:`training_stages` through the package's
+    :class:`~ppl_vae.inference.svi.Trainer` (``pyro.infer.SVI`` + ``ClippedAdam``).
 
     Args:
         model: any :class:`LatentVariableModel`.
@@ -81,7 +62,7 @@ def train_svi(model: LatentVariableModel, batches: Iterable[Batch], steps: int, 
         device: where to train.
         seed: ``pyro.set_rng_seed(seed)`` before training when given.
         progress: show a tqdm bar with the running loss.
-        desc: bar label (default the model name).
+        desc: unused (the bar shows ``model:stage``); kept for call compatibility.
 
     Returns:
         the loss of every step divided by the batch size (negative ELBO per datapoint, nats).
@@ -89,43 +70,14 @@ def train_svi(model: LatentVariableModel, batches: Iterable[Batch], steps: int, 
     Raises:
         ValueError: ``steps < 1`` or an empty batch stream.
     """
-    import pyro
-    from pyro.infer import SVI
-    from pyro.optim import Adam
-    from tqdm.auto import tqdm
+    from ppl_vae.inference.svi import Trainer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    device = resolve_device(device)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    pyro.clear_param_store()
-    model.to(device).train()
-
-    def cycle() -> Iterator[Batch]:
-        while True:
-            empty = True
-            for b in batches:
-                empty = False
-                yield b
-            if empty:
-                raise ValueError("the batch stream is empty")
-
-    stream = cycle()
-    losses: list[float] = []
-    for stage in model.training_stages(steps, lr):
-        svi = SVI(stage.model, stage.guide, Adam({"lr": stage.lr}), loss=stage.loss)
-        bar = tqdm(range(stage.steps), desc=desc or f"{model.name}:{stage.name}", disable=not progress,
-                   mininterval=1.0)
-        for step in bar:
-            if stage.on_step is not None:
-                stage.on_step(step)
-            batch = next(stream).to(device)
-            losses.append(svi.step(batch) / batch.size)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.2f}")
-    model.eval()
-    return losses
+    trainer = Trainer(model, seed=0 if seed is None else seed, device=resolve_device(device), lr=lr,
+                      progress=progress)
+    history = trainer.fit(batches, steps)
+    return [h["loss"] for h in history]
 
 
 def mnist_split(n_test: int = 2000, seed: int = 0, images: Optional[torch.Tensor] = None,

@@ -160,7 +160,18 @@ class Trainer:
             return repeat()
         if callable(data):
             return (b.to(self.device) for b in data())
-        return (b.to(self.device) for b in data)
+        if iter(data) is data:  # a one-shot iterator/generator: used as it is
+            return (b.to(self.device) for b in data)
+
+        def cycle():  # a re-iterable (list, sampler with epochs): cycled when exhausted
+            while True:
+                empty = True
+                for b in data:
+                    empty = False
+                    yield b.to(self.device)
+                if empty:
+                    raise PplVaeError("the batch stream given to Trainer.fit is empty")
+        return cycle()
 
     # ------------------------------------------------------------------ optimiser
     def _optimizer(self, stage) -> pyro.optim.PyroOptim:
@@ -203,8 +214,8 @@ class Trainer:
 
         Args:
             data: a ``ppl_vae.data.TensorTable`` (batches from its seeded ``loader`` with train-time missingness,
-                METHODS §8), a single :class:`Batch` (full-batch training), or an iterable / zero-argument callable
-                yielding :class:`Batch` es.
+                METHODS §8), a single :class:`Batch` (full-batch training), a re-iterable of :class:`Batch` es
+                (cycled), a one-shot iterator, or a zero-argument callable returning an iterator.
             steps: total SVI steps, split across stages by the model.
             resume: continue from ``self.checkpoint`` if it exists (a finished checkpoint returns at once).
 
