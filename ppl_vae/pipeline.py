@@ -66,7 +66,7 @@ def _check_table_model(model_name: str) -> None:
 
 
 def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 3000, batch_size: int = 128,
-              lr: float = 1e-3, device: Union[str, torch.device] = "cpu", seed: int = 0,
+              lr: float = 3e-3, device: Union[str, torch.device] = "cpu", seed: int = 0,
               checkpoint: Optional[Union[str, Path]] = None, progress: bool = True,
               model_kwargs: Optional[Mapping[str, Any]] = None, data_spec: Optional[Mapping[str, Any]] = None):
     """Build ``model_name`` for ``dataset``'s schema and train it on ``split.train`` with :class:`Trainer`.
@@ -88,7 +88,7 @@ def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 300
 
 
 def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[int] = None, folds: int = 10,
-                   steps: int = 3000, batch_size: int = 128, lr: float = 1e-3, num_samples: int = 1000,
+                   steps: int = 3000, batch_size: int = 128, lr: float = 3e-3, num_samples: int = 1000,
                    device: Union[str, torch.device] = "cpu", seed: int = 0, out: Optional[Union[str, Path]] = None,
                    progress: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None,
                    data_spec: Optional[Mapping[str, Any]] = None) -> xr.Dataset:
