@@ -36,8 +36,9 @@ def collect_chains(model, batch, num_chains: int = 4, num_draws: int = 200, warm
 
     Returns:
         ``(chains, stats)``: chains ``(num_chains, num_draws, batch, latent_dim)``; stats ``energy``,
-        ``accept_prob``, ``diverging`` ``(num_chains, num_draws, batch)`` and ``step_size``
-        ``(num_chains, num_draws, batch)`` (the mean step size of the sweep), all on the CPU.
+        ``accept_prob``, ``diverging`` ``(num_chains, num_draws, batch)`` (energy after, mean acceptance over and
+        any divergence within each sweep) and ``step_size`` ``(num_draws, latent_dim)`` (the sweep's mean step
+        size per dimension), all on the CPU.
     """
     from ppl_vae.inference.hmc import run_hmc
 
@@ -61,13 +62,13 @@ def collect_chains(model, batch, num_chains: int = 4, num_draws: int = 200, warm
     keep = slice(warmup * T + T, None, T)                      # the state after each full sweep
     chains = trace.positions[keep].movedim(0, 1)               # (C, draws, B, L)
 
-    def per_draw(x):                                            # (sweeps*T, C, B) -> (C, draws, B)
-        return x.reshape(sweeps, T, *x.shape[1:])[warmup:].movedim(0, 1)
+    def per_draw(x):                                            # (sweeps*T, C, B) -> (draws, T, C, B)
+        return x.reshape(sweeps, T, *x.shape[1:])[warmup:]
 
-    stats = {"energy": per_draw(trace.energy)[:, :, -1],
-             "accept_prob": per_draw(trace.accept_prob).mean(2),
-             "diverging": per_draw(trace.diverging).any(2),
-             "step_size": schedule.mean().expand(num_chains, num_draws, loc.shape[0])}
+    stats = {"energy": per_draw(trace.energy)[:, -1].movedim(0, 1),
+             "accept_prob": per_draw(trace.accept_prob).mean(1).movedim(0, 1),
+             "diverging": per_draw(trace.diverging).any(1).movedim(0, 1),
+             "step_size": schedule.mean(0).expand(num_draws, schedule.shape[-1])}
     return chains.detach().cpu(), {k: v.detach().cpu() for k, v in stats.items()}
 
 
