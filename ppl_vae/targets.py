@@ -93,7 +93,17 @@ _RING_RADIUS = 1.0
 _RING_SCALE = 0.12
 
 
+_RING_CACHE: dict = {}
+
+
 def _ring_means(dtype=torch.float32, device=None) -> torch.Tensor:
+    key = (dtype, str(device))
+    if key not in _RING_CACHE:
+        _RING_CACHE[key] = _ring_means_uncached(dtype, device)
+    return _RING_CACHE[key]
+
+
+def _ring_means_uncached(dtype=torch.float32, device=None) -> torch.Tensor:
     angles = torch.arange(_RING_K, dtype=torch.float64) * (2 * math.pi / _RING_K)
     return torch.stack([torch.cos(angles), torch.sin(angles)], -1).mul(_RING_RADIUS).to(dtype=dtype, device=device)
 
@@ -115,10 +125,14 @@ def gaussian_ring(x: torch.Tensor) -> torch.Tensor:
         ValueError: trailing dimension is not 2.
     """
     _check_2d(x)
+    # ‖x - μ_k‖² = ‖x‖² - 2 xᵀμ_k + R²: one (…, 8) projection instead of (…, 8, 2) differences (faster, and it
+    # vectorises better under torch.compile)
     means = _ring_means(x.dtype, x.device)
-    sq = ((x.unsqueeze(-2) - means) ** 2).sum(-1)  # (..., K)
-    log_comp = -0.5 * sq / _RING_SCALE**2 - 2 * math.log(_RING_SCALE) - math.log(2 * math.pi)
-    return torch.logsumexp(log_comp, -1) - math.log(_RING_K)
+    inv_var = 1.0 / _RING_SCALE**2
+    proj = (x[..., :1] * means[:, 0] + x[..., 1:] * means[:, 1]) * inv_var  # (..., K)
+    sq = (x * x).sum(-1)
+    const = -2 * math.log(_RING_SCALE) - math.log(2 * math.pi) - math.log(_RING_K)
+    return torch.logsumexp(proj, -1) - 0.5 * (sq + _RING_RADIUS**2) * inv_var + const
 
 
 def _sample_ring(n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
