@@ -343,10 +343,8 @@ class HMCObjective(pyro.infer.ELBO):
     2. decoder/predictor/prior θ (every other model parameter registered in Pyro's param store during the step,
        the guide's own excluded) and step sizes φ: ``L_HMC = -mean_{chains, datapoints} log p*(ε_T)`` over
        ``guide.num_chains`` chains per datapoint (Campbell et al. 2021; the entropy of ``q^(T)`` is dropped);
-    3. inflation s: mean SKSD over ``sksd_chains`` further chains per datapoint (Gong et al. 2021).
-
-    The chains of (2) and (3) are simulated in one batched run: they are independent chains, and since each
-    objective is differentiated w.r.t. its own group only, this equals detaching φ from (3) (and s from (2)).
+    3. inflation s: mean SKSD over ``sksd_chains`` separate chains per datapoint on the first ``sksd_rows`` rows
+       of the (shuffled) batch, step sizes detached (Gong et al. 2021).
 
     Because ``pyro.optim.PyroOptim`` keeps one optimiser per parameter, the groups can have their own learning
     rates through per-name-prefix ``optim_args`` (the guide's parameters are ``hmc_guide$$$...``).
@@ -358,6 +356,8 @@ class HMCObjective(pyro.infer.ELBO):
         encoder_parameters: the encoder's parameters (iterable, or a callable returning them); default
             ``model.encoder_parameters()``.
         elbo: the ELBO used for (1) (default ``pyro.infer.Trace_ELBO()``).
+        sksd_rows: rows of the batch used by (3) (the inflation is one shared scale; 30 chains over the whole
+            batch would cost 30 times (2)).
 
     Attributes:
         last_stats: floats of the latest step: ``elbo`` (per batch, as Pyro sums over datapoints),
@@ -366,10 +366,11 @@ class HMCObjective(pyro.infer.ELBO):
     """
 
     def __init__(self, model=None, guide: Optional[HMCRefinedGuide] = None, sksd_chains: Optional[int] = None,
-                 encoder_parameters=None, elbo=None):
+                 encoder_parameters=None, elbo=None, sksd_rows: int = 16):
         super().__init__(num_particles=1, max_plate_nesting=2)
         self.model, self.guide = model, guide
         self.sksd_chains = sksd_chains
+        self.sksd_rows = int(sksd_rows)
         self._encoder_parameters = encoder_parameters
         self.elbo = elbo if elbo is not None else pyro.infer.Trace_ELBO()
         self.last_stats: dict[str, float] = {}
@@ -423,17 +424,21 @@ class HMCObjective(pyro.infer.ELBO):
         if enc:
             grads += zip(enc, torch.autograd.grad(elbo_loss, enc, allow_unused=True))
 
-        # (2) + (3): one batched run of C + C_sksd chains per datapoint.
+        # (2) L_HMC: C chains per datapoint on the whole batch.
         c = guide.num_chains
         cs = guide.sksd_chains if self.sksd_chains is None else int(self.sksd_chains)
-        trace = guide.refine(batch, c + cs, detach_proposal=True)
-        log_p = guide.log_joint(trace.position[:c], batch)  # (C, B), graph to θ and φ
+        trace = guide.refine(batch, c, detach_proposal=True)
+        log_p = guide.log_joint(trace.position, batch)  # (C, B), graph to θ and φ
         finite = torch.isfinite(log_p)
         hmc_loss = -log_p[finite].mean() if bool(finite.any()) else log_p.sum() * 0.0
-        grads += zip(theta + phi, torch.autograd.grad(hmc_loss, theta + phi, allow_unused=True, retain_graph=cs > 0))
+        grads += zip(theta + phi, torch.autograd.grad(hmc_loss, theta + phi, allow_unused=True))
+        # (3) SKSD -> inflation, on C_sksd separate chains of the first `sksd_rows` rows (the batch is shuffled):
+        # the inflation is one shared scale, and C_sksd chains over the whole batch would cost C_sksd x (2).
         disc = None
         if cs > 0:
-            disc = guide.sksd_from_chains(trace.position[c:], trace.grad[c:], batch)
+            rows = batch if batch.size <= self.sksd_rows else batch[: self.sksd_rows]
+            strace = guide.refine(rows, cs, detach_proposal=True, detach_step_sizes=True)
+            disc = guide.sksd_from_chains(strace.position, strace.grad, rows)
             grads += zip([guide.log_inflation], torch.autograd.grad(disc, [guide.log_inflation], allow_unused=True))
 
         for p, g in grads:
@@ -446,8 +451,8 @@ class HMCObjective(pyro.infer.ELBO):
             "elbo": -loss,
             "log_p_T": float(log_p.detach()[finite].mean()) if bool(finite.any()) else float("nan"),
             "sksd": float(disc.detach()) if disc is not None else float("nan"),
-            "accept": float(trace.accept_prob[:, :c].mean()),
-            "divergent": float(trace.diverging[:, :c].sum()),
+            "accept": float(trace.accept_prob.mean()),
+            "divergent": float(trace.diverging.sum()),
             "inflation": float(guide.inflation().detach().mean()),
             "step_size": float(guide.step_sizes().detach().mean()),
         }

@@ -38,7 +38,7 @@ class HMCRefinement:
     """
 
     def __init__(self, schema, *, hmc_steps: int = 5, leapfrog_steps: int = 5, inflation: str = "scalar",
-                 hmc_fraction: float = 0.2, sksd_chains: int = 30, hmc_lr: float = 1e-2, **kwargs: Any):
+                 hmc_fraction: float = 0.1, sksd_chains: int = 30, hmc_lr: float = 1e-2, **kwargs: Any):
         super().__init__(schema, hmc_steps=hmc_steps, leapfrog_steps=leapfrog_steps, inflation=inflation,
                          hmc_fraction=hmc_fraction, sksd_chains=sksd_chains, hmc_lr=hmc_lr, **kwargs)
         from ppl_vae.inference.refined_guide import HMCRefinedGuide
