@@ -22,14 +22,14 @@ import pyro.poutine as poutine
 import torch
 
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
+from ppl_vae.models.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
                                   pixel_likelihood)
 from ppl_vae.nn import GaussianHead
 
 __all__ = ["BetaVAE"]
 
 
-class BetaVAE(LatentVariableModel):
+class BetaVAE(LocalImageLatent, LatentVariableModel):
     """Image β-VAE: one Gaussian latent per datapoint with a KL weight ``beta_kl`` (Higgins et al. 2017, eq. 4).
 
     Args:
@@ -84,16 +84,6 @@ class BetaVAE(LatentVariableModel):
         import pyro.infer
 
         return [TrainingStage("elbo", self.model, self.guide, pyro.infer.Trace_ELBO(), steps, lr)]
-
-    @torch.no_grad()
-    def encode_local(self, batch: Batch) -> torch.Tensor:
-        """Posterior mean of z. Shapes: ``(B, x_dim) -> (B, dim_z)``."""
-        return self.z_head(self.encoder(batch.x))[0]
-
-    @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean image of p(x | z). Shapes: ``(..., dim_z) -> (..., x_dim)``."""
-        return mean_image(self.decoder(z), self.likelihood)
 
     @torch.no_grad()
     def sample(self, num_batches: int, batch_size: int, generator: Optional[torch.Generator] = None,

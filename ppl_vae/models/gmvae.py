@@ -25,14 +25,14 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
+from ppl_vae.models.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
                                   pixel_likelihood)
 from ppl_vae.nn import MLP, GaussianHead
 
 __all__ = ["GMVAE"]
 
 
-class GMVAE(LatentVariableModel):
+class GMVAE(LocalImageLatent, LatentVariableModel):
     """Gaussian-mixture-prior VAE with an enumerated component (Dilokthanakul et al. 2016, simplified; the GMVAE
     baseline of the UG-VAE paper).
 
@@ -101,16 +101,6 @@ class GMVAE(LatentVariableModel):
 
         return [TrainingStage("elbo", self.model, self.guide, pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
                               steps, lr)]
-
-    @torch.no_grad()
-    def encode_local(self, batch: Batch) -> torch.Tensor:
-        """Posterior mean of z. Shapes: ``(B, x_dim) -> (B, dim_z)``."""
-        return self.z_head(self.encoder(batch.x))[0]
-
-    @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean image of p(x | z). Shapes: ``(..., dim_z) -> (..., x_dim)``."""
-        return mean_image(self.decoder(z), self.likelihood)
 
     @torch.no_grad()
     def sample(self, num_batches: int, batch_size: int, generator: Optional[torch.Generator] = None,

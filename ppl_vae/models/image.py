@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ppl_vae.nn import MLP, ConvDecoder28, ConvEncoder28
 
-__all__ = ["ARCHS", "LIKELIHOODS", "build_image_encoder", "build_image_decoder", "pixel_likelihood",
+__all__ = ["ARCHS", "LIKELIHOODS", "LocalImageLatent", "build_image_encoder", "build_image_decoder", "pixel_likelihood",
            "PixelScale", "check_arch", "mean_image"]
 
 #: Network architectures understood by :func:`build_image_encoder` / :func:`build_image_decoder`.
@@ -169,3 +169,18 @@ def mean_image(out: torch.Tensor, likelihood: str = "bernoulli") -> torch.Tensor
     Shapes: ``(..., x_dim) -> (..., x_dim)``; Bernoulli means lie in ``(0, 1)``.
     """
     return torch.sigmoid(out) if likelihood == "bernoulli" else out
+
+
+class LocalImageLatent:
+    """Mixin for image models with ``encoder``, ``z_head`` (Gaussian head), ``decoder`` and ``likelihood``
+    attributes: posterior mean of the local latent and mean images (shared by β-VAE and GMVAE)."""
+
+    @torch.no_grad()
+    def encode_local(self, batch) -> torch.Tensor:
+        """Posterior mean of z. Shapes: ``(B, x_dim) -> (B, dim_z)``."""
+        return self.z_head(self.encoder(batch.x))[0]
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean image of p(x | z). Shapes: ``(..., dim_z) -> (..., x_dim)``."""
+        return mean_image(self.decoder(z), self.likelihood)
