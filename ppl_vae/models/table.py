@@ -123,11 +123,12 @@ class TableVAE(LatentVariableModel):
         """``[features(x) ⊙ m_x, m_x, features(y) ⊙ m_y, m_y]``: ``(batch, encoder input width)``."""
         parts = [self.observation_features(batch), batch.x_mask.to(batch.x.dtype)]
         if self.predictor is not None:
-            y, ym = self._target(batch)
+            y, ym = self.target(batch)
             parts += [self.predictor.likelihood.encode(y, ym), ym.to(batch.x.dtype)]
         return torch.cat(parts, -1)
 
-    def _target(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def target(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y (batch, 1), y_mask (batch, 1) bool)``; an all-missing target when the batch has none."""
         if batch.y is None:
             zeros = batch.x.new_zeros(batch.size, 1)
             return zeros, zeros.bool()
@@ -162,19 +163,20 @@ class TableVAE(LatentVariableModel):
         x_params = self.x_params(h, batch)
         out = self.log_prior(h) + self.log_lik_x(h, batch, x_params=x_params)
         if self.predictor is not None and batch.y is not None:
-            y, ym = self._target(batch)
+            y, ym = self.target(batch)
             out = out + self.predictor.likelihood.log_prob(self.y_params(h, batch, x_params), y, ym)
         return out
 
     # ------------------------------------------------------------------ Pyro programs
-    def _register(self, modules: dict) -> None:
+    def register_modules(self, modules: dict) -> None:
+        """``pyro.module(name, module)`` for each entry: the parameters this Pyro program trains."""
         for name, module in modules.items():
             pyro.module(name, module)
 
     def model(self, batch: Batch) -> None:
         """Pyro model: ``h ~ N(0, I)`` (KL weighted by ``kl_weight``), the masked table likelihood and the masked
         target likelihood, all inside ``pyro.plate("data", batch.size)``."""
-        self._register(self.generative_modules())
+        self.register_modules(self.generative_modules())
         with pyro.plate("data", batch.size, dim=-1, device=batch.device):
             prior = dist.Normal(batch.x.new_zeros(self.latent_dim), 1.0).expand([batch.size, self.latent_dim])
             with poutine.scale(scale=self.kl_weight):
@@ -182,12 +184,12 @@ class TableVAE(LatentVariableModel):
             x_params = self.x_params(h, batch)
             self.observe_x(h, batch, x_params=x_params)
             if self.predictor is not None and batch.y is not None:
-                y, ym = self._target(batch)
+                y, ym = self.target(batch)
                 self.predictor.likelihood.observe("y", self.y_params(h, batch, x_params), y, ym)
 
     def guide(self, batch: Batch) -> None:
         """Pyro guide: the amortised Gaussian ``q(h | x_O, y_O)`` (KL weighted by ``kl_weight``)."""
-        self._register(self.encoder_modules())
+        self.register_modules(self.encoder_modules())
         with pyro.plate("data", batch.size, dim=-1, device=batch.device):
             loc, scale = self.proposal(batch)
             with poutine.scale(scale=self.kl_weight):
