@@ -25,3 +25,20 @@ def test_uci_table_smoke(tmp_path):
     table = (tmp_path / "uci_table_smoke.md").read_text()
     assert "| yacht | vae |" in table and "| yacht | vaem |" in table and "HH-VAEM (paper)" in table
     assert "nan" not in table.lower()
+
+
+def test_hmc_2d_smoke(tmp_path):
+    bench = load_benchmark("hmc_2d")
+    out = tmp_path / "hmc_2d.md"
+    bench.main(["--smoke", "--no-nuts", "--out", str(out)])
+    table = out.read_text()
+    for target in ("wave", "dual_moon", "gaussian_ring"):
+        assert f"| {target} |" in table
+    assert "nan" not in table.split("| target |")[1].split("\n\n")[0].lower()
+
+
+def test_refined_guide_overhead_smoke():
+    bench = load_benchmark("refined_guide_overhead")
+    result = bench.main(["--smoke"])                       # {num_chains: {"ratio": ..., "step_ratio": ...}}
+    ratios = [r[k] for r in result.values() for k in ("ratio", "step_ratio")]
+    assert ratios and all(0.2 < r < 5.0 for r in ratios)   # same arithmetic: within a small factor even in smoke
