@@ -40,6 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ppl-vae`` argument parser (built-in subcommands plus the extension modules' ones)."""
     from ppl_vae.models import MODELS
 
     parser = argparse.ArgumentParser(prog="ppl-vae", description="VAEs as Pyro programs: train, impute, predict, "

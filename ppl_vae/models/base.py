@@ -55,10 +55,12 @@ class Batch:
 
     @property
     def device(self) -> torch.device:
+        """The device of ``x`` (every tensor of a batch lives there)."""
         return self.x.device
 
     @property
     def has_target(self) -> bool:
+        """Whether the batch carries a target ``y`` (possibly all missing)."""
         return self.y is not None
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -152,9 +154,11 @@ class LatentVariableModel(nn.Module):
         self.config: dict = dict(config)
 
     def model(self, batch: Batch) -> None:  # pragma: no cover - abstract
+        """The generative Pyro program p(x, latents) for ``batch``."""
         raise NotImplementedError
 
     def guide(self, batch: Batch) -> None:  # pragma: no cover - abstract
+        """The amortised proposal q(latents | x) as a Pyro program."""
         raise NotImplementedError
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:

@@ -204,6 +204,7 @@ class TableVAE(LatentVariableModel):
                              on_step=self._kl_schedule)
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
+        """One ELBO stage of ``steps`` steps."""
         return [self.elbo_stage(steps, lr)]
 
     # ------------------------------------------------------------------ evaluation contract

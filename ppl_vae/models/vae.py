@@ -36,6 +36,7 @@ class VAE(TableVAE):
         self.decoder = MLP(self.latent_dim, list(hidden)[::-1], self.x_likelihood.param_dim)
 
     def generative_modules(self) -> dict:
+        """Decoder and predictor: what the model side of the ELBO trains."""
         return {"decoder": self.decoder, **super().generative_modules()}
 
     def x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -43,9 +44,11 @@ class VAE(TableVAE):
         return self.decoder(h)
 
     def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
+        """Sites ``x_<likelihood>``: every observed entry under its column's likelihood (masked)."""
         params = self.x_params(h, batch) if x_params is None else x_params
         self.x_likelihood.observe("x", params, batch.x, batch.x_mask)
 
     def log_lik_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``Σ_{d observed} log p(x_d | h)``: ``(..., batch)``."""
         params = self.x_params(h, batch) if x_params is None else x_params
         return self.x_likelihood.log_prob(params, batch.x, batch.x_mask)

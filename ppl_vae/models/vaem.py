@@ -62,11 +62,13 @@ class MarginalVAEs(nn.Module):
         self.decoder = ColumnwiseMLP(D, 1, [hidden], self.pmax, activation="relu")
 
     def encode(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q(z_d | x_d)`` of every column: ``(loc, scale)`` each ``(batch, D)``."""
         per_col = features[..., self._f_index].masked_fill(~self._f_valid, 0.0)
         out = self.encoder(torch.cat([per_col, mask.to(features.dtype).unsqueeze(-1)], -1))
         return out[..., 0], F.softplus(out[..., 1]) + 1e-3
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes ``(..., batch, D)`` -> flat likelihood parameters ``(..., batch, param_dim)``."""
         out = self.decoder(z.unsqueeze(-1))  # (..., batch, D, pmax)
         return out.flatten(-2)[..., self._p_index]
 
@@ -143,9 +145,11 @@ class VAEM(TableVAE):
         return batch.cached("vaem_codes", compute)
 
     def observation_width(self) -> int:
+        """The dependency encoder reads one code per column."""
         return self.x_likelihood.num_columns
 
     def observation_features(self, batch: Batch) -> torch.Tensor:
+        """The frozen marginal codes ``(batch, D)`` (0 where missing)."""
         return self.codes(batch)
 
     def code_distribution(self, h: torch.Tensor) -> dist.Normal:
@@ -162,13 +166,16 @@ class VAEM(TableVAE):
         return self.marginal.decode(self.code_distribution(h).sample())
 
     def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
+        """Site ``codes``: the observed marginal codes under ``p(z | h)`` (masked by ``x_mask``)."""
         pyro.sample("codes", self.code_distribution(h).mask(batch.x_mask.bool()).to_event(1), obs=self.codes(batch))
 
     def log_lik_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``Σ_{d observed} log N(z_d; μ_d(h), σ_d(h))``: ``(..., batch)``."""
         lp = self.code_distribution(h).log_prob(self.codes(batch))
         return lp.masked_fill(~batch.x_mask.bool(), 0.0).sum(-1)
 
     def generative_modules(self) -> dict:
+        """Code decoder and predictor (the marginal VAEs are frozen in stage 2)."""
         return {"code_decoder": self.code_decoder, **super().generative_modules()}
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
