@@ -35,12 +35,15 @@ class HMCRefinement:
         hmc_fraction: fraction of the ELBO-stage steps spent in the joint VAE + HMC stage (reference: 2k of 20k).
         sksd_chains: chains per datapoint for the SKSD objective of the inflation (reference 30).
         hmc_lr: learning rate of the step sizes and inflation.
+        joint_lr_scale: learning-rate factor of the decoder/predictor in the joint stage (1 = the reference).
     """
 
     def __init__(self, schema, *, hmc_steps: int = 5, leapfrog_steps: int = 5, inflation: str = "scalar",
-                 hmc_fraction: float = 0.1, sksd_chains: int = 30, hmc_lr: float = 1e-2, **kwargs: Any):
+                 hmc_fraction: float = 0.1, sksd_chains: int = 30, hmc_lr: float = 1e-2,
+                 joint_lr_scale: float = 1.0, **kwargs: Any):
         super().__init__(schema, hmc_steps=hmc_steps, leapfrog_steps=leapfrog_steps, inflation=inflation,
-                         hmc_fraction=hmc_fraction, sksd_chains=sksd_chains, hmc_lr=hmc_lr, **kwargs)
+                         hmc_fraction=hmc_fraction, sksd_chains=sksd_chains, hmc_lr=hmc_lr,
+                         joint_lr_scale=joint_lr_scale, **kwargs)
         from ppl_vae.inference.refined_guide import HMCRefinedGuide
 
         if not 0.0 < hmc_fraction <= 1.0:
@@ -48,6 +51,7 @@ class HMCRefinement:
         self.hmc_fraction = float(hmc_fraction)
         self.sksd_chains = int(sksd_chains)
         self.hmc_lr = float(hmc_lr)
+        self.joint_lr_scale = float(joint_lr_scale)
         self.hmc_guide = HMCRefinedGuide(self, num_steps=hmc_steps, num_leapfrog=leapfrog_steps, inflation=inflation)
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
@@ -67,7 +71,9 @@ class HMCRefinement:
 
         joint = TrainingStage("hmc", self.model, self.hmc_guide,
                               HMCObjective(self, self.hmc_guide, sksd_chains=self.sksd_chains), n_hmc, lr,
-                              param_lrs={"hmc_guide": self.hmc_lr}, on_step=joint_on_step)
+                              param_lrs={"hmc_guide": self.hmc_lr,
+                                         **{name: lr * self.joint_lr_scale for name in self.generative_modules()}},
+                              on_step=joint_on_step)
         return [*stages, joint]
 
     def posterior_latents(self, batch: Batch, num_samples: int) -> torch.Tensor:
