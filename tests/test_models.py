@@ -143,3 +143,17 @@ def test_training_on_cuda(boston_split):
     assert next(model.parameters()).device.type == "cuda"
     metrics = evaluate_split(model, boston_split, num_samples=50)
     assert math.isfinite(metrics["target_nll"])
+
+
+def test_hmc_model_posterior_uses_test_sweeps(boston_split):
+    ds = load_dataset("boston")
+    model = build_model("hmc-vae", ds.schema, latent_dim=4, hmc_steps=3, leapfrog_steps=2, test_sweeps=2)
+    stages = model.training_stages(100)
+    assert [s.name for s in stages] == ["elbo", "hmc"] and stages[1].steps == 10
+    assert set(stages[1].param_lrs) == {"hmc_guide", "decoder", "predictor"}
+    batch = boston_split.test_input()[:5]
+    h = model.posterior_latents(batch, 7)
+    assert h.shape == (7, 5, 4) and torch.isfinite(h).all() and not h.requires_grad
+    assert model.hmc_guide.last_trace.accept_prob.shape == (6, 7, 5)   # 2 sweeps x T=3 transitions
+    with pytest.raises(ValueError, match="test_sweeps"):
+        build_model("hmc-vae", ds.schema, test_sweeps=0)
