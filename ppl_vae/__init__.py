@@ -5,10 +5,12 @@ Hamiltonian Monte Carlo whose step sizes are learned by gradient, impute missing
 diagnose the chains with ArviZ. See README.md for the tour and ``ppl-vae --help`` for the command line.
 """
 from ppl_vae.data import from_csv, from_dataframe, list_datasets, load_dataset
-from ppl_vae.inference import Trainer, evaluate_split, load_model
+from ppl_vae.diagnostics import summary as diagnostics_summary, to_arviz
+from ppl_vae.inference import HMCRefinedGuide, HMCSampler, Trainer, evaluate_split, impute, load_model, predict
 from ppl_vae.models import MODELS, VAE, VAEM, Batch, LatentVariableModel, TrainingStage, build_model
 
 __version__ = "0.1.0"
 
 __all__ = ["Batch", "LatentVariableModel", "TrainingStage", "VAE", "VAEM", "MODELS", "build_model", "Trainer",
-           "evaluate_split", "load_model", "load_dataset", "list_datasets", "from_dataframe", "from_csv"]
+           "evaluate_split", "load_model", "load_dataset", "list_datasets", "from_dataframe", "from_csv",
+           "HMCRefinedGuide", "HMCSampler", "impute", "predict", "to_arviz", "diagnostics_summary"]
