@@ -6,7 +6,6 @@ protocol. Every split's model is checkpointed (resumable) under ``out/fold<k>/ch
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -155,7 +154,3 @@ def evaluate_checkpoint(path: Union[str, Path], *, num_samples: int = 1000, devi
     model = load_model(payload, map_location=device)
     return evaluate_split(model, split, num_samples=num_samples, device=device, seed=spec.get("seed", 0))
 
-
-def dump_json(obj: Any) -> str:
-    """Compact JSON of metric dicts (NaN kept as ``NaN``)."""
-    return json.dumps(obj, indent=2, default=float)
