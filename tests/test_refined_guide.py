@@ -87,14 +87,6 @@ def make_batch(model: LinearGaussianLVM, n: int = 8, seed: int = 1) -> Batch:
     return Batch(x=torch.where(mask, x, torch.zeros_like(x)), x_mask=mask)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def test_pyro_log_joint_equals_fast_path():
     model = LinearGaussianLVM()
     batch = make_batch(model)

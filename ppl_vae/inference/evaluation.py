@@ -22,6 +22,7 @@ import torch
 import xarray as xr
 
 from ppl_vae.models.base import Batch
+from ppl_vae.models.table import TableVAE
 
 __all__ = ["evaluate_split", "summarise", "results_dataset", "format_table", "METRICS"]
 
@@ -36,13 +37,15 @@ def _logmeanexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def _chunk_scores(model, batch: Batch, truth: Batch, hidden: torch.Tensor, num_samples: int):
     """Per-row scores of one chunk of test rows; see :func:`evaluate_split`."""
     h = model.posterior_latents(batch, num_samples)                      # (K, B, L)
-    x_params = model.predictive_x_params(h, batch)                       # (K, B, P)
+    mean_params = model.x_params(h, batch)                               # (K, B, P), feeds the predictor's x̂
+    x_params = (mean_params if type(model).predictive_x_params is TableVAE.predictive_x_params
+                else model.predictive_x_params(h, batch))                # p(x_d | h): VAEM samples a code
     lp = model.x_likelihood.log_prob_entries(x_params, truth.x, hidden)  # (K, B, D), 0 off U
     n_hidden = hidden.sum(-1)                                            # (B,)
     imp = -_logmeanexp(lp.sum(-1) / n_hidden.clamp_min(1), 0)            # (B,)
     out = {"imputation_nll": imp, "n_hidden": n_hidden}
     if model.predictor is not None and truth.y is not None:
-        y_params = model.y_params(h, batch, model.x_params(h, batch))     # (K, B, Py)
+        y_params = model.y_params(h, batch, mean_params)                  # (K, B, Py)
         lik = model.predictor.likelihood
         ym = truth.y_mask.bool()
         lpy = lik.log_prob(y_params, truth.y, ym)                        # (K, B)
