@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ppl_vae.data import load_dataset
 from ppl_vae.models import TABLE_MODELS
@@ -44,8 +45,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1, as the CLI: these networks are too small to gain from more, "
+                        "and two runs sharing the cores slow each other down many times over with more)")
     p.add_argument("--smoke", action="store_true", help="tiny run (one data set, 1 split, few steps)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.smoke:
         args.datasets, args.splits, args.steps, args.num_samples = ["yacht"], 1, 40, 20
     out = Path(args.out)

@@ -157,3 +157,25 @@ def test_hmc_model_posterior_uses_test_sweeps(boston_split):
     assert model.hmc_guide.last_trace.accept_prob.shape == (6, 7, 5)   # 2 sweeps x T=3 transitions
     with pytest.raises(ValueError, match="test_sweeps"):
         build_model("hmc-vae", ds.schema, test_sweeps=0)
+
+
+@pytest.mark.parametrize("base", ["vae", "vaem"])
+def test_hmc_model_pretrains_like_its_base(base, boston_split):
+    """The ELBO pre-training of hmc-X is X's training: same defaults (KL warm-up included) and, before the joint
+    stage starts, identical parameters for the same seed."""
+    from ppl_vae.pipeline import DEFAULT_MODEL_KWARGS, fit_split
+
+    assert DEFAULT_MODEL_KWARGS["hmc-" + base] == DEFAULT_MODEL_KWARGS[base]
+    assert DEFAULT_MODEL_KWARGS[base]["kl_warmup"] > 0
+    ds = load_dataset("boston")
+    small = {"latent_dim": 3, "hidden": [16, 16], "kl_warmup": 5, "marginal_steps": 10} if base == "vaem" else \
+        {"latent_dim": 3, "hidden": [16, 16], "kl_warmup": 5}
+    # hmc-X at 30 steps: its last ELBO stage is split 90% / 10% into pre-training and the joint stage
+    plain_steps = 27 if base == "vae" else 10 + 18
+    plain, _ = fit_split(base, ds, boston_split, steps=plain_steps, progress=False, model_kwargs=small)
+    hmc, _ = fit_split("hmc-" + base, ds, boston_split, steps=30, progress=False,
+                       model_kwargs={**small, "hmc_fraction": 0.1, "joint_lr_scale": 0.0, "hmc_lr": 0.0})
+    for name, p in plain.named_parameters():
+        if name.startswith("encoder"):
+            continue  # the encoder keeps training by the ELBO in the joint stage
+        torch.testing.assert_close(p, dict(hmc.named_parameters())[name], msg=name)
