@@ -1,6 +1,6 @@
 """Gradient-tuned HMC on the 2-D test densities: speed of a tuning step, objective, sample quality, cost per ESS.
 
-For each target of :data:`ppl_vae.targets.TARGETS` (wave, dual moon, 8-Gaussian ring), with the settings of the
+For each target of :data:`ppl_vae.testing.targets.TARGETS` (wave, dual moon, 8-Gaussian ring), with the settings of the
 HMC-tuning reference (dim 2, T = 5 transitions, L = 5 leapfrog steps, 1000 chains for the step-size objective, 30
 for the SKSD of the inflation, Adam lr 0.01, initial proposal as in the reference):
 
@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppl_vae.inference.hmc import HMCSampler  # noqa: E402
-from ppl_vae.targets import TARGETS, plot_samples  # noqa: E402
+from ppl_vae.infer.mcmc import HMCSampler  # noqa: E402
+from ppl_vae.testing.targets import TARGETS, plot_samples  # noqa: E402
 
 REFERENCE = "research implementation (brief): 35-48 ms/step, wave objective ≈ -0.03 after 100 steps"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppl_vae.inference.evaluation import results_dataset
+from ppl_vae.infer.evaluation import results_dataset
 from ppl_vae.pipeline import evaluate_checkpoint
 
 

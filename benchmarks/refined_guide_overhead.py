@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppl_vae.inference.refined_guide import HMCRefinedGuide  # noqa: E402
+from ppl_vae.infer.refined_guide import HMCRefinedGuide  # noqa: E402
 from ppl_vae.models.base import Batch  # noqa: E402
 
 LATENT, HIDDEN, OUT, SIGMA = 10, 64, 14, 0.3

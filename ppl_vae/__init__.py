@@ -6,7 +6,7 @@ diagnose the chains with ArviZ. See README.md for the tour and ``ppl-vae --help`
 """
 from ppl_vae.data import from_csv, from_dataframe, list_datasets, load_dataset
 from ppl_vae.diagnostics import summary as diagnostics_summary, to_arviz
-from ppl_vae.inference import HMCRefinedGuide, HMCSampler, Trainer, evaluate_split, impute, load_model, predict
+from ppl_vae.infer import HMCRefinedGuide, HMCSampler, Trainer, evaluate_split, impute, load_model, predict
 from ppl_vae.models import MODELS, VAE, VAEM, Batch, LatentVariableModel, TrainingStage, build_model
 
 __version__ = "0.1.0"

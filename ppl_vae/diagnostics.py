@@ -1,6 +1,6 @@
 """MCMC diagnostics for HMC chains: conversion to ArviZ (named dims), R-hat / ESS / MCSE / BFMI summaries, plots.
 
-Chains come out of :mod:`ppl_vae.inference.hmc` as tensors shaped ``(num_chains, num_draws, batch, latent_dim)``
+Chains come out of :mod:`ppl_vae.infer.mcmc` as tensors shaped ``(num_chains, num_draws, batch, latent_dim)``
 (or ``(num_chains, num_draws, latent_dim)`` for a single target) with per-transition statistics ``energy``,
 ``accept_prob``, ``diverging`` (``(num_chains, num_draws[, batch])``) and ``step_size``. :func:`to_arviz` turns them
 into an ``xarray.DataTree`` with ``posterior`` and ``sample_stats`` groups (ArviZ 1.x conventions, via
@@ -93,7 +93,7 @@ def to_arviz(chains, stats: Optional[Mapping[str, Any]] = None, latent_names: Op
 
 
 def trace_to_arviz(trace, latent_names: Optional[Sequence[str]] = None):
-    """:func:`to_arviz` for an :class:`ppl_vae.inference.hmc.HMCTrace` run with ``keep_chain=True``: the ``T``
+    """:func:`to_arviz` for an :class:`ppl_vae.infer.mcmc.HMCTrace` run with ``keep_chain=True``: the ``T``
     transitions become draws (the initial state is dropped), the trace's chains the ``chain`` dim.
 
     Raises:

@@ -14,8 +14,8 @@ import xarray as xr
 
 from ppl_vae.data import TableDataset, from_csv, load_dataset
 from ppl_vae.errors import PplVaeError
-from ppl_vae.inference.evaluation import evaluate_split, format_table, results_dataset
-from ppl_vae.inference.svi import Trainer, load_checkpoint, load_model
+from ppl_vae.infer.evaluation import evaluate_split, format_table, results_dataset
+from ppl_vae.infer.svi import Trainer, load_checkpoint, load_model
 from ppl_vae.models import MODELS, TABLE_MODELS, build_model
 from ppl_vae.errors import UnknownNameError
 
@@ -105,7 +105,7 @@ def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[i
         out: output directory (checkpoints, ``results.nc``, ``results.md``); ``None`` keeps everything in memory.
 
     Returns:
-        the per-split metrics as an ``xarray.Dataset`` (see :func:`~ppl_vae.inference.evaluation.results_dataset`).
+        the per-split metrics as an ``xarray.Dataset`` (see :func:`~ppl_vae.infer.evaluation.results_dataset`).
 
     Raises:
         UnknownNameError / PplVaeError: unknown or non-table model; ``splits`` larger than ``folds``.
@@ -141,7 +141,7 @@ def evaluate_checkpoint(path: Union[str, Path], *, num_samples: int = 1000, devi
 
     The data set is rebuilt from the checkpoint's metadata (name or CSV path, K, seed, fold) unless ``dataset`` is
     given (for data passed as a DataFrame). Returns the metric dict of
-    :func:`~ppl_vae.inference.evaluation.evaluate_split`.
+    :func:`~ppl_vae.infer.evaluation.evaluate_split`.
     """
     device = resolve_device(device)
     payload = load_checkpoint(path, map_location=device)

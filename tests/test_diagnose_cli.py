@@ -34,8 +34,8 @@ def test_diagnose_writes_summary_and_plots(hmc_checkpoint, tmp_path, capsys):
 
 def test_collect_chains_shapes_and_mixing(hmc_checkpoint):
     from ppl_vae.data import load_dataset
-    from ppl_vae.diagnostics_cli import collect_chains
-    from ppl_vae.inference import load_model
+    from ppl_vae.cli.diagnose import collect_chains
+    from ppl_vae.infer import load_model
 
     model = load_model(hmc_checkpoint)
     split = load_dataset("yacht").splits(n_splits=10, seed=0)[0]

@@ -19,8 +19,8 @@ from ppl_vae.diagnostics import (  # noqa: E402
     to_arviz,
     trace_to_arviz,
 )
-from ppl_vae.inference.hmc import run_hmc  # noqa: E402
-from ppl_vae.targets import correlated_gaussian  # noqa: E402
+from ppl_vae.infer.mcmc import run_hmc  # noqa: E402
+from ppl_vae.testing.targets import correlated_gaussian  # noqa: E402
 
 
 @pytest.fixture(scope="module")

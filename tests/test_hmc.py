@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ppl_vae.inference.hmc import (
+from ppl_vae.infer.mcmc import (
     HMCKernel,
     HMCSampler,
     HMCState,
@@ -17,7 +17,7 @@ from ppl_vae.inference.hmc import (
     run_hmc,
     value_and_grad_fn,
 )
-from ppl_vae.targets import TARGETS, correlated_gaussian, dual_moon, gaussian_ring, plot_samples, wave
+from ppl_vae.testing.targets import TARGETS, correlated_gaussian, dual_moon, gaussian_ring, plot_samples, wave
 
 MEAN = [1.0, -0.5]
 COV = [[1.2, 0.7], [0.7, 0.5]]  # the HMC-tuning code's bivariate Gaussian, shifted

@@ -7,7 +7,7 @@ import torch
 from pyro import poutine
 
 from ppl_vae.data import load_dataset
-from ppl_vae.inference import Trainer, evaluate_split, load_model
+from ppl_vae.infer import Trainer, evaluate_split, load_model
 from ppl_vae.models import VAE, VAEM, build_model
 from ppl_vae.errors import UnknownNameError
 

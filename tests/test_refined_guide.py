@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ppl_vae.inference.refined_guide import HMCObjective, HMCRefinedGuide, pyro_log_joint
+from ppl_vae.infer.refined_guide import HMCObjective, HMCRefinedGuide, pyro_log_joint
 from ppl_vae.models.base import Batch
 
 LATENT, OBS, SIGMA = 2, 6, 0.5

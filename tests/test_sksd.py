@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppl_vae.inference.sksd import median_bandwidth, sksd
+from ppl_vae.infer.mcmc.sksd import median_bandwidth, sksd
 
 
 def _normal(n=500, batch=4, dim=2, seed=0):

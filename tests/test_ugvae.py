@@ -15,10 +15,10 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from ppl_vae.errors import UnknownNameError
 from ppl_vae.models.base import Batch
-from ppl_vae.models.betavae import BetaVAE
-from ppl_vae.models.gmvae import GMVAE
-from ppl_vae.models.mlvae import MLVAE, group_index
-from ppl_vae.models.ugvae import UGVAE, product_of_gaussian_experts
+from ppl_vae.models.image.betavae import BetaVAE
+from ppl_vae.models.image.gmvae import GMVAE
+from ppl_vae.models.image.mlvae import MLVAE, group_index
+from ppl_vae.models.image.ugvae import UGVAE, product_of_gaussian_experts
 
 
 @pytest.fixture(autouse=True)

@@ -51,7 +51,7 @@ def train_svi(model: LatentVariableModel, batches: Iterable[Batch], steps: int, 
               device: str | torch.device = "cpu", seed: Optional[int] = None, progress: bool = True,
               desc: Optional[str] = None) -> list[float]:
     """Train a model on a stream of batches with its own :meth:`training_stages` through the package's
-    :class:`~ppl_vae.inference.svi.Trainer` (``pyro.infer.SVI`` + ``ClippedAdam``).
+    :class:`~ppl_vae.infer.svi.Trainer` (``pyro.infer.SVI`` + ``ClippedAdam``).
 
     Args:
         model: any :class:`LatentVariableModel`.
@@ -70,7 +70,7 @@ def train_svi(model: LatentVariableModel, batches: Iterable[Batch], steps: int, 
     Raises:
         ValueError: ``steps < 1`` or an empty batch stream.
     """
-    from ppl_vae.inference.svi import Trainer
+    from ppl_vae.infer.svi import Trainer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -206,7 +206,7 @@ def interpolation_grids(model, images: torch.Tensor, labels: torch.Tensor, out_d
       to that batch's posterior mean.
 
     Args:
-        model: trained :class:`ppl_vae.models.ugvae.UGVAE` (``encode_global``, ``encode_local``, ``generate``).
+        model: trained :class:`ppl_vae.models.image.ugvae.UGVAE` (``encode_global``, ``encode_local``, ``generate``).
         images, labels: ``(N, 784)`` / ``(N,)`` pool to draw the batches from.
         out_dir: folder for ``interpolation_beta.png``, ``interpolation_beta_components.png`` and
             ``interpolation_z.png``.
@@ -409,7 +409,7 @@ def domain_alignment(out_dir: str | Path, steps: int, batch_size: int = 128, kin
         ``{"table": rows, "figures": {name: path}, "sources": names, "final_loss": float}``.
     """
     from ppl_vae.data.batches import StructuredBatchSampler, two_source_dataset
-    from ppl_vae.models.ugvae import UGVAE
+    from ppl_vae.models.image.ugvae import UGVAE
 
     out_dir = Path(out_dir)
     device = resolve_device(device)
@@ -665,10 +665,10 @@ def run(args: argparse.Namespace) -> dict:
     Raises:
         ValueError: bad device, non-positive steps or batch size.
     """
-    from ppl_vae.models.betavae import BetaVAE
-    from ppl_vae.models.gmvae import GMVAE
-    from ppl_vae.models.mlvae import MLVAE
-    from ppl_vae.models.ugvae import UGVAE
+    from ppl_vae.models.image.betavae import BetaVAE
+    from ppl_vae.models.image.gmvae import GMVAE
+    from ppl_vae.models.image.mlvae import MLVAE
+    from ppl_vae.models.image.ugvae import UGVAE
 
     smoke = bool(getattr(args, "smoke", False))
     steps = args.steps if args.steps is not None else (30 if smoke else 5000)

@@ -10,24 +10,24 @@ import importlib
 
 from ppl_vae.errors import UnknownNameError
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.predictor import Predictor
-from ppl_vae.models.table import TableVAE
-from ppl_vae.models.vae import VAE
-from ppl_vae.models.vaem import VAEM
+from ppl_vae.models.tabular.predictor import Predictor
+from ppl_vae.models.tabular.table import TableVAE
+from ppl_vae.models.tabular.vae import VAE
+from ppl_vae.models.tabular.vaem import VAEM
 
 __all__ = ["Batch", "LatentVariableModel", "TrainingStage", "Predictor", "TableVAE", "VAE", "VAEM", "MODELS",
            "TABLE_MODELS", "build_model", "model_class"]
 
 #: CLI name -> "module:Class" (imported lazily so optional families cost nothing until used)
 MODELS = {
-    "vae": "ppl_vae.models.vae:VAE",
-    "vaem": "ppl_vae.models.vaem:VAEM",
-    "hmc-vae": "ppl_vae.models.hmc:HMCVAE",
-    "hmc-vaem": "ppl_vae.models.hmc:HMCVAEM",
-    "ug-vae": "ppl_vae.models.ugvae:UGVAE",
-    "beta-vae": "ppl_vae.models.betavae:BetaVAE",
-    "gmvae": "ppl_vae.models.gmvae:GMVAE",
-    "ml-vae": "ppl_vae.models.mlvae:MLVAE",
+    "vae": "ppl_vae.models.tabular.vae:VAE",
+    "vaem": "ppl_vae.models.tabular.vaem:VAEM",
+    "hmc-vae": "ppl_vae.models.tabular.hmc:HMCVAE",
+    "hmc-vaem": "ppl_vae.models.tabular.hmc:HMCVAEM",
+    "ug-vae": "ppl_vae.models.image.ugvae:UGVAE",
+    "beta-vae": "ppl_vae.models.image.betavae:BetaVAE",
+    "gmvae": "ppl_vae.models.image.gmvae:GMVAE",
+    "ml-vae": "ppl_vae.models.image.mlvae:MLVAE",
 }
 #: the models ``ppl-vae run`` trains on tables
 TABLE_MODELS = ("vae", "vaem", "hmc-vae", "hmc-vaem")

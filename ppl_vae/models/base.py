@@ -4,7 +4,7 @@ A *batch* is one :class:`Batch` on one device. A *model* is a :class:`LatentVari
 whose ``model(batch)`` and ``guide(batch)`` are Pyro programs (every latent is a ``pyro.sample`` site inside
 ``pyro.plate("data", ...)``; every observation is a masked likelihood), and whose :meth:`training_stages` lists
 the Pyro SVI stages that train it (VAEM: marginal VAEs, then the dependency VAE; HMC models: ELBO pre-training,
-then joint VAE + HMC). :class:`ppl_vae.inference.Trainer` runs any such model the same way.
+then joint VAE + HMC). :class:`ppl_vae.infer.Trainer` runs any such model the same way.
 
 Modules are plain ``torch.nn.Module`` s registered with ``pyro.module(name, submodule)`` inside the stage's program,
 so each stage states exactly which parameters it trains (a frozen stage-1 network is simply not registered).
@@ -139,11 +139,11 @@ class LatentVariableModel(nn.Module):
     model: ``type(model)(**config)``.
 
     Table models (VAE, VAEM, hierarchical, HMC) additionally implement the evaluation contract used by
-    :mod:`ppl_vae.inference.evaluation`:
+    :mod:`ppl_vae.infer.evaluation`:
 
     - ``posterior_latents(batch, num_samples) -> (num_samples, batch, latent_dim)`` samples of the latent the
       decoder reads (encoder samples, or HMC chains for HMC models);
-    - ``decode(latent, batch) -> (x_log_prob_fn, y_dist)``, see :class:`ppl_vae.models.vae.VAE`.
+    - ``decode(latent, batch) -> (x_log_prob_fn, y_dist)``, see :class:`ppl_vae.models.tabular.vae.VAE`.
     """
 
     #: CLI / registry name, set by subclasses (e.g. ``"vae"``).

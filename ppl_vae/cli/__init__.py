@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: subcommands contributed by other modules: name -> module exposing add_arguments(parser) and run(args)
-_EXTENSIONS = {"diagnose": "ppl_vae.diagnostics_cli", "ugvae-experiment": "ppl_vae.experiments.ugvae"}
+_EXTENSIONS = {"diagnose": "ppl_vae.cli.diagnose", "ugvae-experiment": "ppl_vae.experiments.ugvae"}
 
 
 def _load_extension(module: str):
@@ -124,7 +124,7 @@ def _set_threads(args) -> None:
 
 
 def _cmd_run(args) -> int:
-    from ppl_vae.inference.evaluation import format_table
+    from ppl_vae.infer.evaluation import format_table
     from ppl_vae.pipeline import run_experiment
 
     _set_threads(args)

@@ -25,7 +25,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
+from ppl_vae.models.image.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
                                   pixel_likelihood)
 from ppl_vae.nn import MLP, GaussianHead
 
@@ -40,7 +40,7 @@ class GMVAE(LocalImageLatent, LatentVariableModel):
         x_dim: features per datapoint (784 for 28x28 images).
         dim_z: latent size.
         num_components: K mixture components.
-        arch: ``"mlp"`` or ``"conv"`` (see :mod:`ppl_vae.models.image`).
+        arch: ``"mlp"`` or ``"conv"`` (see :mod:`ppl_vae.models.image.image`).
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         hidden: hidden width.
         pixel_scale: fixed Gaussian scale, or ``None`` to learn it (Gaussian likelihood only).

@@ -22,7 +22,7 @@ import torch
 import xarray as xr
 
 from ppl_vae.models.base import Batch
-from ppl_vae.models.table import TableVAE
+from ppl_vae.models.tabular.table import TableVAE
 
 __all__ = ["evaluate_split", "summarise", "results_dataset", "format_table", "METRICS"]
 
@@ -67,7 +67,7 @@ def evaluate_split(model, split, num_samples: int = 1000, device: Optional[torch
     """Metrics of a trained model on one split's test set (METHODS §8).
 
     Args:
-        model: a trained table model (:class:`~ppl_vae.models.table.TableVAE` contract: ``posterior_latents``,
+        model: a trained table model (:class:`~ppl_vae.models.tabular.table.TableVAE` contract: ``posterior_latents``,
             ``predictive_x_params``, ``x_params``, ``y_params``, ``x_likelihood``, ``predictor``).
         split: a ``ppl_vae.data.Split`` (``test``, ``test_mask``, ``test_input()``, ``normaliser``).
         num_samples: K posterior samples per row (paper: 1000).

@@ -40,7 +40,7 @@ def collect_chains(model, batch, num_chains: int = 4, num_draws: int = 200, warm
         any divergence within each sweep) and ``step_size`` ``(num_draws, latent_dim)`` (the sweep's mean step
         size per dimension), all on the CPU.
     """
-    from ppl_vae.inference.hmc import run_hmc
+    from ppl_vae.infer.mcmc import run_hmc
 
     gen = torch.Generator(device=batch.device).manual_seed(seed)
     guide = getattr(model, "hmc_guide", None)
@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """Run the diagnostics; prints the summary table and writes ``summary.csv``, ``summary.md`` and plots."""
     from ppl_vae import diagnostics
-    from ppl_vae.inference.svi import load_checkpoint, load_model
+    from ppl_vae.infer.svi import load_checkpoint, load_model
     from ppl_vae.pipeline import resolve_dataset, resolve_device
 
     device = resolve_device(args.device)

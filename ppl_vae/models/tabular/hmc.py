@@ -1,7 +1,7 @@
 """HMC-VAE and HMC-VAEM: table models whose posterior is refined by gradient-tuned HMC (Peis et al. 2022 §3.5;
 Campbell et al. 2021; METHODS §5).
 
-:class:`HMCRefinement` turns any :class:`~ppl_vae.models.table.TableVAE` into its HMC variant without touching its
+:class:`HMCRefinement` turns any :class:`~ppl_vae.models.tabular.table.TableVAE` into its HMC variant without touching its
 generative story: the encoder's Gaussian ``q(h | x_O, y_O)``, inflated by a learnable scale, starts ``T`` HMC
 transitions (``L`` leapfrog steps each, learnable ``(T, latent_dim)`` step sizes) on the model's per-datapoint
 log joint, and the chains' final states are the posterior samples used for imputation and prediction.
@@ -9,7 +9,7 @@ log joint, and the chains' final states are the posterior samples used for imput
 Training (three parameter groups, wired once by the Trainer through the stage's ``param_lrs``):
 the base model's stages (VAEM: marginal VAEs), then ELBO pre-training for ``1 - hmc_fraction`` of the remaining
 steps, then the joint stage where the encoder follows the ELBO, decoder/predictor and step sizes follow
-``L_HMC = E log p*(ε_T)`` and the inflation follows SKSD on separate chains (:class:`~ppl_vae.inference.
+``L_HMC = E log p*(ε_T)`` and the inflation follows SKSD on separate chains (:class:`~ppl_vae.infer.
 refined_guide.HMCObjective`).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ppl_vae.models.base import Batch, TrainingStage
-from ppl_vae.models.vae import VAE
-from ppl_vae.models.vaem import VAEM
+from ppl_vae.models.tabular.vae import VAE
+from ppl_vae.models.tabular.vaem import VAEM
 
 __all__ = ["HMCRefinement", "HMCVAE", "HMCVAEM"]
 
@@ -51,7 +51,7 @@ class HMCRefinement:
         super().__init__(schema, hmc_steps=hmc_steps, leapfrog_steps=leapfrog_steps, inflation=inflation,
                          hmc_fraction=hmc_fraction, sksd_chains=sksd_chains, hmc_lr=hmc_lr,
                          joint_lr_scale=joint_lr_scale, test_sweeps=test_sweeps, **kwargs)
-        from ppl_vae.inference.refined_guide import HMCRefinedGuide
+        from ppl_vae.infer.refined_guide import HMCRefinedGuide
 
         if not 0.0 < hmc_fraction <= 1.0:
             raise ValueError(f"hmc_fraction must be in (0, 1], got {hmc_fraction}")
@@ -66,7 +66,7 @@ class HMCRefinement:
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
         """Base stages with the last (ELBO) stage split into pre-training and the joint VAE + HMC stage."""
-        from ppl_vae.inference.refined_guide import HMCObjective
+        from ppl_vae.infer.refined_guide import HMCObjective
 
         stages = super().training_stages(steps, lr)
         last = stages[-1]
@@ -96,13 +96,13 @@ class HMCRefinement:
 
 
 class HMCVAE(HMCRefinement, VAE):
-    """HMC-VAE: :class:`~ppl_vae.models.vae.VAE` with an HMC-refined guide (CLI ``hmc-vae``)."""
+    """HMC-VAE: :class:`~ppl_vae.models.tabular.vae.VAE` with an HMC-refined guide (CLI ``hmc-vae``)."""
 
     name = "hmc-vae"
 
 
 class HMCVAEM(HMCRefinement, VAEM):
-    """HMC-VAEM: :class:`~ppl_vae.models.vaem.VAEM` whose dependency-VAE posterior is refined by HMC
+    """HMC-VAEM: :class:`~ppl_vae.models.tabular.vaem.VAEM` whose dependency-VAE posterior is refined by HMC
     (CLI ``hmc-vaem``)."""
 
     name = "hmc-vaem"

@@ -24,7 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, TrainingStage
-from ppl_vae.models.table import TableVAE
+from ppl_vae.models.tabular.table import TableVAE
 from ppl_vae.nn import ColumnwiseMLP, GaussianHead, MLP
 
 __all__ = ["MarginalVAEs", "VAEM"]
@@ -78,7 +78,7 @@ class VAEM(TableVAE):
 
     Args:
         schema, latent_dim, hidden, predictor_hidden, beta, kl_warmup, gaussian_scale: see
-            :class:`~ppl_vae.models.table.TableVAE` (they configure the dependency VAE).
+            :class:`~ppl_vae.models.tabular.table.TableVAE` (they configure the dependency VAE).
         marginal_hidden: hidden width of each marginal VAE (reference 32).
         marginal_steps: steps of stage 1; ``None`` -> a third of the total steps given to
             :meth:`training_stages` (reference: ~1k).

@@ -2,7 +2,7 @@
 share (Partial VAE, Ma et al. 2018; VAEM, Ma et al. 2020; HH-VAEM, Peis et al. 2022 §3).
 
 Generative story of one row: ``h ~ N(0, I)``; the observed table entries ``x_O`` (VAE) or their marginal codes
-(VAEM) are emitted from ``h`` by a masked likelihood; ``y ~ p(y | x̂, h)`` (:class:`~ppl_vae.models.predictor.
+(VAEM) are emitted from ``h`` by a masked likelihood; ``y ~ p(y | x̂, h)`` (:class:`~ppl_vae.models.tabular.predictor.
 Predictor`). The guide is the amortised Gaussian ``q(h | x_O, y_O)`` whose encoder reads
 ``[features(x) ⊙ m_x, m_x, features(y) ⊙ m_y, m_y]`` (zero imputation + mask).
 
@@ -21,7 +21,7 @@ import torch
 
 from ppl_vae.likelihoods import MixedLikelihood
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.predictor import Predictor
+from ppl_vae.models.tabular.predictor import Predictor
 from ppl_vae.nn import MLP, GaussianHead
 
 __all__ = ["TableVAE", "as_schema"]
@@ -35,8 +35,8 @@ def as_schema(schema: Any):
 
 
 class TableVAE(LatentVariableModel):
-    """Base of the table models. Not used directly: see :class:`~ppl_vae.models.vae.VAE` and
-    :class:`~ppl_vae.models.vaem.VAEM`.
+    """Base of the table models. Not used directly: see :class:`~ppl_vae.models.tabular.vae.VAE` and
+    :class:`~ppl_vae.models.tabular.vaem.VAEM`.
 
     Args:
         schema: ``TableSchema`` (or its dict) of the features and the optional target.

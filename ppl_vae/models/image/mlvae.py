@@ -24,9 +24,9 @@ import pyro.distributions as dist
 import torch
 
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
+from ppl_vae.models.image.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
                                   pixel_likelihood)
-from ppl_vae.models.ugvae import concat_global, product_of_gaussian_experts
+from ppl_vae.models.image.ugvae import concat_global, product_of_gaussian_experts
 from ppl_vae.nn import GaussianHead
 
 __all__ = ["MLVAE", "group_index"]
@@ -56,7 +56,7 @@ class MLVAE(LatentVariableModel):
         x_dim: features per datapoint.
         dim_style: per-point latent size (default 10, like UG-VAE's ``dim_z``).
         dim_content: group latent size (default 20, like UG-VAE's ``dim_beta``).
-        arch, likelihood, hidden, pixel_scale: as in :class:`ppl_vae.models.ugvae.UGVAE`.
+        arch, likelihood, hidden, pixel_scale: as in :class:`ppl_vae.models.image.ugvae.UGVAE`.
         prior_expert: include the N(0, I) prior expert in the group product (default ``True``).
 
     Pyro sites: in ``plate("groups", G)``: ``content`` (event ``(dim_content,)``); in ``plate("data", B)``:

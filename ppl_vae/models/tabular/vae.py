@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ppl_vae.models.base import Batch
-from ppl_vae.models.table import TableVAE
+from ppl_vae.models.tabular.table import TableVAE
 from ppl_vae.nn import MLP
 
 __all__ = ["VAE"]
@@ -21,7 +21,7 @@ __all__ = ["VAE"]
 class VAE(TableVAE):
     """VAE whose decoder emits the parameters of every column's likelihood.
 
-    Args: see :class:`~ppl_vae.models.table.TableVAE` (``schema``, ``latent_dim``, ``hidden``,
+    Args: see :class:`~ppl_vae.models.tabular.table.TableVAE` (``schema``, ``latent_dim``, ``hidden``,
     ``predictor_hidden``, ``beta``, ``kl_warmup``, ``gaussian_scale``).
 
     Latent site ``"z"``: ``(batch, latent_dim)``. Observation sites ``"x_<likelihood>"`` (one per likelihood type,

@@ -5,7 +5,7 @@ gradient-based HMC tuning of Campbell et al. (ICML 2021) and the SKSD of Gong et
 Gaussian ``q(ε | x_O, y_O)`` is inflated by a learnable scale ``s`` and then moved by ``T`` HMC transitions whose
 ``(T, latent_dim)`` step sizes are learned by maximising ``E log p*(ε_T)``.
 
-It works with any *refinable* model (e.g. every :class:`~ppl_vae.models.table.TableVAE`) exposing
+It works with any *refinable* model (e.g. every :class:`~ppl_vae.models.tabular.table.TableVAE`) exposing
 
 - ``latent_sites() -> [(site_name, size)]``: continuous latent sites, in the order of the flat latent vector;
 - ``proposal(batch) -> (loc, scale)``, each ``(batch, latent_dim)``: the encoder's Gaussian over the flat latent;
@@ -26,8 +26,8 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from ppl_vae.inference.hmc import HMCTrace, StepSizes, run_hmc
-from ppl_vae.inference.sksd import sksd as _sksd
+from ppl_vae.infer.mcmc import HMCTrace, StepSizes, run_hmc
+from ppl_vae.infer.mcmc.sksd import sksd as _sksd
 
 __all__ = ["pyro_log_joint", "HMCRefinedGuide", "HMCObjective"]
 
@@ -116,7 +116,7 @@ class HMCRefinedGuide(nn.Module):
     """Encoder proposal + ``T`` HMC transitions with learned step sizes, as a Pyro guide (HH-VAEM §3.5).
 
     ``ε_0 = μ + s ⊙ σ ⊙ ξ`` with ``(μ, σ) = model.proposal(batch)`` (detached from the encoder by default: the
-    encoder is trained by the ELBO only), ``ξ ~ N(0, I)``, then :func:`ppl_vae.inference.hmc.run_hmc` on the
+    encoder is trained by the ELBO only), ``ξ ~ N(0, I)``, then :func:`ppl_vae.infer.mcmc.run_hmc` on the
     model's log joint with the learnable ``(T, latent_dim)`` step sizes. The refined sample ``ε_T`` is
     differentiable w.r.t. the step sizes (``∇log p*`` detached in the integrator) and the inflation.
 
@@ -242,7 +242,7 @@ class HMCRefinedGuide(nn.Module):
             generator: ``torch.Generator`` (default: global RNG, seeded by ``pyro.set_rng_seed``).
 
         Returns:
-            :class:`ppl_vae.inference.hmc.HMCTrace`: ``position`` ``(C, batch, latent_dim)`` keeps its graph to the
+            :class:`ppl_vae.infer.mcmc.HMCTrace`: ``position`` ``(C, batch, latent_dim)`` keeps its graph to the
             step sizes and the inflation (when grad is enabled); statistics ``(T, C, batch)``.
         """
         c = self.num_chains if num_chains is None else int(num_chains)

@@ -47,7 +47,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
+from ppl_vae.models.image.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
                                   pixel_likelihood)
 from ppl_vae.nn import MLP, ColumnwiseMLP, GaussianHead
 

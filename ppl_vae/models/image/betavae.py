@@ -10,7 +10,7 @@ Program::
 Guide ``q(z_i | x_i) = N(mu(h(x_i)), sigma(h(x_i)))``, its log-density scaled by the same ``beta_kl`` with
 ``poutine.scale`` on the latent site only, so :class:`pyro.infer.Trace_ELBO` estimates
 ``E_q[log p(x|z)] - beta_kl * KL(q(z|x) || N(0, I))`` (Higgins et al. eq. 4). ``beta_kl = 1`` is the plain VAE.
-The encoder/decoder are the ones every image model shares (:mod:`ppl_vae.models.image`).
+The encoder/decoder are the ones every image model shares (:mod:`ppl_vae.models.image.image`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pyro.poutine as poutine
 import torch
 
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
+from ppl_vae.models.image.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
                                   pixel_likelihood)
 from ppl_vae.nn import GaussianHead
 
@@ -36,7 +36,7 @@ class BetaVAE(LocalImageLatent, LatentVariableModel):
         x_dim: features per datapoint (784 for 28x28 images).
         dim_z: latent size.
         beta_kl: KL weight ``> 0`` (1 = VAE).
-        arch, likelihood, hidden, pixel_scale: as in :class:`ppl_vae.models.ugvae.UGVAE`.
+        arch, likelihood, hidden, pixel_scale: as in :class:`ppl_vae.models.image.ugvae.UGVAE`.
 
     Pyro sites in ``plate("data", B)``: ``z`` (event ``(dim_z,)``, scaled by ``beta_kl``), ``x`` (observed).
 

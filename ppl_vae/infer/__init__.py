@@ -1,0 +1,12 @@
+"""Inference: SVI training (:class:`Trainer`), HMC (:mod:`~ppl_vae.infer.mcmc`), the HMC-refined guide and its
+objective, SKSD, evaluation (METHODS §8) and posterior-predictive imputation."""
+from ppl_vae.infer.evaluation import evaluate_split, format_table, results_dataset, summarise
+from ppl_vae.infer.mcmc import HMCSampler, HMCTrace, StepSizes, leapfrog, run_hmc
+from ppl_vae.infer.predictive import impute, impute_frame, predict
+from ppl_vae.infer.refined_guide import HMCObjective, HMCRefinedGuide, pyro_log_joint
+from ppl_vae.infer.mcmc.sksd import sksd
+from ppl_vae.infer.svi import Trainer, load_checkpoint, load_model, save_checkpoint
+
+__all__ = ["Trainer", "load_checkpoint", "load_model", "save_checkpoint", "evaluate_split", "format_table",
+           "results_dataset", "summarise", "HMCSampler", "HMCTrace", "StepSizes", "leapfrog", "run_hmc",
+           "HMCRefinedGuide", "HMCObjective", "pyro_log_joint", "sksd", "impute", "impute_frame", "predict"]

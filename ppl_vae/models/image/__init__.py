@@ -1,0 +1,1 @@
+"""Models of images and grouped data (UG-VAE and its baselines β-VAE, GMVAE, ML-VAE)."""

@@ -1,0 +1,2 @@
+"""Models of partially observed, mixed-type tables with an optional target (VAE, VAEM and their HMC-refined
+variants)."""

@@ -1,0 +1,1 @@
+"""Test densities and helpers used by the tests, benchmarks and notebooks."""
