@@ -1,4 +1,4 @@
-"""Reproduce the UG-VAE experiments of Peis et al. (2023) on MNIST batches (METHODS §10).
+"""Reproduce the UG-VAE experiments of Peis et al. (2023) on MNIST batches (Pattern Recognition 134, 109130).
 
 Writes ``results.md`` (markdown tables: training loss, SVM accuracy of the batch category from the global latent,
 domain alignment, Fréchet distances of UG-VAE / ML-VAE / β-VAE / GMVAE samples), ``results.json`` and the PNG

@@ -2,7 +2,9 @@
 
 Chains come out of :mod:`ppl_vae.infer.mcmc` as tensors shaped ``(num_chains, num_draws, batch, latent_dim)``
 (or ``(num_chains, num_draws, latent_dim)`` for a single target) with per-transition statistics ``energy``,
-``accept_prob``, ``diverging`` (``(num_chains, num_draws[, batch])``) and ``step_size``. :func:`to_arviz` turns them
+``accept_prob`` (the Metropolis-Hastings acceptance probability ``min(1, exp(-ΔH))``: Stan's ``accept_stat__``,
+ArviZ's ``acceptance_rate``), ``accepted`` (the MH decision, or the fraction of accepted transitions in a draw made
+of several), ``diverging`` (``(num_chains, num_draws[, batch])``) and ``step_size``. :func:`to_arviz` turns them
 into an ``xarray.DataTree`` with ``posterior`` and ``sample_stats`` groups (ArviZ 1.x conventions, via
 ``arviz_base.from_dict``); :func:`summary` computes the usual diagnostics with ``arviz_stats`` (its NumPy array
 layer, which needs no optional dependency); the plots use matplotlib only.
@@ -18,9 +20,10 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["to_arviz", "trace_to_arviz", "summary", "summary_table", "plot_trace", "plot_rank", "plot_energy"]
+__all__ = ["to_arviz", "trace_to_arviz", "accepted_from_positions", "summary", "summary_table", "sampler_table",
+           "plot_trace", "plot_rank", "plot_energy"]
 
-_STAT_NAMES = ("energy", "accept_prob", "diverging", "step_size")
+_STAT_NAMES = ("energy", "accept_prob", "accepted", "diverging", "step_size")
 
 
 def _np(x) -> np.ndarray:
@@ -36,7 +39,7 @@ def to_arviz(chains, stats: Optional[Mapping[str, Any]] = None, latent_names: Op
     Args:
         chains: ``(num_chains, num_draws, batch, latent_dim)`` or ``(num_chains, num_draws, latent_dim)`` (tensor or
             array).
-        stats: optional mapping with any of ``energy``, ``accept_prob``, ``diverging`` shaped
+        stats: optional mapping with any of ``energy``, ``accept_prob``, ``accepted``, ``diverging`` shaped
             ``(num_chains, num_draws[, batch])`` and ``step_size`` shaped ``(num_draws, latent_dim)``,
             ``(num_chains, num_draws, latent_dim)`` or ``(num_chains, num_draws, batch, latent_dim)``; other keys are
             stored as given (leading dims chain, draw).
@@ -92,9 +95,20 @@ def to_arviz(chains, stats: Optional[Mapping[str, Any]] = None, latent_names: Op
     return arviz_base.from_dict(data, dims=dims, coords=coords or None)
 
 
+def accepted_from_positions(positions):
+    """Metropolis-Hastings decisions recovered from a kept chain: transition ``t`` was accepted iff the state moved,
+    ``positions[t + 1] != positions[t]`` in some coordinate (a rejected proposal keeps the state exactly; an
+    accepted one that lands exactly on the old state has probability zero).
+
+    Args: positions ``(T + 1, *chain_dims, dim)``. Returns: bool ``(T, *chain_dims)`` (tensor or array as given).
+    """
+    return (positions[1:] != positions[:-1]).any(-1)
+
+
 def trace_to_arviz(trace, latent_names: Optional[Sequence[str]] = None):
     """:func:`to_arviz` for an :class:`ppl_vae.infer.mcmc.HMCTrace` run with ``keep_chain=True``: the ``T``
-    transitions become draws (the initial state is dropped), the trace's chains the ``chain`` dim.
+    transitions become draws (the initial state is dropped), the trace's chains the ``chain`` dim. ``accepted`` is
+    the trace's own when it has one, else :func:`accepted_from_positions`.
 
     Raises:
         ValueError: the trace has no kept chain.
@@ -104,6 +118,8 @@ def trace_to_arviz(trace, latent_names: Optional[Sequence[str]] = None):
     pos = trace.positions[1:]  # (T, C, B, D) or (T, C, D)
     chains = pos.movedim(0, 1)
     stats = {k: getattr(trace, k).movedim(0, 1) for k in ("energy", "accept_prob", "diverging")}
+    accepted = getattr(trace, "accepted", None)
+    stats["accepted"] = (accepted if accepted is not None else accepted_from_positions(trace.positions)).movedim(0, 1)
     stats["step_size"] = trace.step_size
     return to_arviz(chains, stats, latent_names)
 
@@ -146,7 +162,9 @@ def summary(dt, var_name: Optional[str] = None, prob: tuple[float, float] = (0.0
 
     and from ``sample_stats`` when present (per chain, and per datapoint if the chains have one):
 
-    - ``accept_rate``: mean Metropolis-Hastings acceptance probability;
+    - ``accept_prob``: mean Metropolis-Hastings acceptance probability ``E[min(1, exp(-ΔH))]`` (Stan's mean
+      ``accept_stat__``, ArviZ's ``acceptance_rate``; what step-size adaptation targets);
+    - ``accept_rate``: fraction of proposals accepted (mean of the ``accepted`` statistic, when present);
     - ``n_divergent``: number of divergent transitions;
     - ``bfmi``: energy Bayesian fraction of missing information ``Σ(E_n - E_{n-1})² / Σ(E_n - Ē)²``
       (``bfmi``; values below 0.3 indicate poor momentum resampling).
@@ -193,7 +211,9 @@ def summary(dt, var_name: Optional[str] = None, prob: tuple[float, float] = (0.0
             return xr.DataArray(fn(np.asarray(v.values)), dims=dims, coords=coords)
 
         if "accept_prob" in ss:
-            out["accept_rate"] = per_chain("accept_prob", lambda a: a.astype(float).mean(axis=1))
+            out["accept_prob"] = per_chain("accept_prob", lambda a: a.astype(float).mean(axis=1))
+        if "accepted" in ss:
+            out["accept_rate"] = per_chain("accepted", lambda a: a.astype(float).mean(axis=1))
         if "diverging" in ss:
             out["n_divergent"] = per_chain("diverging", lambda a: a.astype(bool).sum(axis=1))
         if "energy" in ss and ss["energy"].sizes["draw"] > 2:
@@ -201,25 +221,42 @@ def summary(dt, var_name: Optional[str] = None, prob: tuple[float, float] = (0.0
     out.attrs["computed"] = (
         "mean, sd (ddof=1), mcse_mean (arviz_stats mcse method='mean'), ess_bulk (ess method='bulk'), "
         f"ess_tail (ess method='tail', prob={tuple(prob)}), r_hat (rank-normalised split R-hat); per chain: "
-        "accept_rate (mean MH acceptance probability), n_divergent, bfmi (E-BFMI)")
+        "accept_prob (mean MH acceptance probability), accept_rate (fraction of accepted proposals), n_divergent, "
+        "bfmi (E-BFMI)")
     return out
 
 
 def summary_table(dt, var_name: Optional[str] = None, prob: tuple[float, float] = (0.05, 0.95)):
-    """The parameter part of :func:`summary` as a ``pandas.DataFrame``, one row per ``(datapoint, latent_dim)``,
-    columns ``mean, sd, mcse_mean, ess_bulk, ess_tail, r_hat``; the per-chain sampler diagnostics averaged over
-    datapoints go into ``df.attrs`` (``accept_rate``, ``n_divergent`` (total), ``bfmi`` (per chain))."""
+    """The parameter part of :func:`summary` as a ``pandas.DataFrame``, exactly one row per ``(datapoint,
+    latent_dim)`` (never one per chain), columns ``mean, sd, mcse_mean, ess_bulk, ess_tail, r_hat``; the sampler
+    diagnostics pooled over chains and datapoints go into ``df.attrs`` (``accept_prob`` (mean acceptance
+    probability), ``accept_rate`` (fraction accepted), ``n_divergent`` (total), ``bfmi`` (per chain)). The
+    per-chain sampler diagnostics are :func:`sampler_table`."""
     s = summary(dt, var_name, prob)
     cols = ["mean", "sd", "mcse_mean", "ess_bulk", "ess_tail", "r_hat"]
     df = s[cols].to_dataframe()[cols]
-    if "accept_rate" in s:
-        df.attrs["accept_rate"] = float(s["accept_rate"].mean())
+    for key in ("accept_prob", "accept_rate"):
+        if key in s:
+            df.attrs[key] = float(s[key].mean())
     if "n_divergent" in s:
         df.attrs["n_divergent"] = int(s["n_divergent"].sum())
     if "bfmi" in s:
         b = s["bfmi"]
         df.attrs["bfmi"] = b.mean([d for d in b.dims if d != "chain"]).values.tolist() if b.ndim > 1 else b.values.tolist()
     return df
+
+
+def sampler_table(dt, var_name: Optional[str] = None):
+    """The sampler part of :func:`summary` as a ``pandas.DataFrame``, one row per ``chain[, datapoint]``, columns
+    among ``accept_prob, accept_rate, n_divergent, bfmi`` (those the ``sample_stats`` allow); empty without
+    ``sample_stats``."""
+    import pandas as pd
+
+    s = summary(dt, var_name)
+    cols = [c for c in ("accept_prob", "accept_rate", "n_divergent", "bfmi") if c in s]
+    if not cols:
+        return pd.DataFrame()
+    return s[cols].to_dataframe()[cols]
 
 
 def _select_point(da: xr.DataArray, datapoint: int) -> xr.DataArray:

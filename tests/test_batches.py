@@ -1,4 +1,4 @@
-"""Structured batches for UG-VAE experiments (ppl_vae.data.batches, METHODS §10)."""
+"""Structured batches for UG-VAE experiments (ppl_vae.data.batches; Peis et al. 2023)."""
 from __future__ import annotations
 
 import pytest
@@ -23,15 +23,37 @@ def test_load_mnist_images(mnist):
     assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]        # the well-known first MNIST test labels
 
 
-def test_load_mnist_falls_back_and_fails_cleanly(monkeypatch, tmp_path, mnist):
-    real_dirs = [d for d in B._mnist_dirs() if all((d / f).is_file() for f in B.MNIST_FILES)]
-    assert real_dirs, "no MNIST copy found"
-    monkeypatch.setattr(B, "_mnist_dirs", lambda: [tmp_path / "absent", real_dirs[0]])
-    x, y = B.load_mnist_images()
-    assert torch.equal(y, mnist[1])
-    monkeypatch.setattr(B, "_mnist_dirs", lambda: [tmp_path / "absent"])
+def test_one_mnist_reader_from_the_vendored_files(tmp_path, mnist):
+    import gzip
+    import inspect
+    import shutil
+
+    from ppl_vae.data import registry
+    from ppl_vae.errors import DataError
+
+    # the batches and the registry's "mnist" table read the same vendored files with the same reader
+    table = registry.load_dataset("mnist")
+    assert table.features.shape == (10000, 784)
+    assert (table.features.to_numpy() == (mnist[0] * 255 > 127).numpy()).all()
+    assert (table.target.to_numpy() == mnist[1].numpy()).all()
+    assert "shared" not in inspect.getsource(B)                 # no hard-coded data path outside the package
+    # an explicit folder: same data; a folder without the files or with a corrupt header fails cleanly
+    for name in B.MNIST_FILES:
+        shutil.copy(registry.data_file(f"mnist/{name}"), tmp_path / name)
+    x, y = B.load_mnist_images(tmp_path)
+    assert torch.equal(x, mnist[0]) and torch.equal(y, mnist[1])
     with pytest.raises(FileNotFoundError, match="t10k"):
-        B.load_mnist_images()
+        B.load_mnist_images(tmp_path / "absent")
+    bad = tmp_path / "bad"                                      # (reads are cached per folder: a new one)
+    bad.mkdir()
+    shutil.copy(tmp_path / B.MNIST_FILES[1], bad / B.MNIST_FILES[1])
+    with gzip.open(bad / B.MNIST_FILES[0], "wb") as fh:         # a label file's header where images belong
+        fh.write(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7]))
+    with pytest.raises(DataError, match="magic"):
+        B.load_mnist_images(bad)
+    # fresh tensors: mutating one load does not change the next
+    x[0, 0] = 5.0
+    assert float(B.load_mnist_images()[0][0, 0]) == 0.0
 
 
 def test_series_digits_spell_the_sequences():

@@ -37,8 +37,20 @@ def test_hmc_2d_smoke(tmp_path):
     assert "nan" not in table.split("| target |")[1].split("\n\n")[0].lower()
 
 
+def test_hmc_gaussian20_smoke(tmp_path):
+    bench = load_benchmark("hmc_gaussian20")
+    out = tmp_path / "hmc_gaussian20.md"
+    bench.main(["--smoke", "--out", str(out)])
+    table = out.read_text()
+    for scheme in ("relative", "absolute"):
+        assert table.count(f"| {scheme} |") == 2
+    assert "nan" not in table.lower()
+
+
 def test_refined_guide_overhead_smoke():
     bench = load_benchmark("refined_guide_overhead")
-    result = bench.main(["--smoke"])                       # {num_chains: {"ratio": ..., "step_ratio": ...}}
-    ratios = [r[k] for r in result.values() for k in ("ratio", "step_ratio")]
-    assert ratios and all(0.2 < r < 5.0 for r in ratios)   # same arithmetic: within a small factor even in smoke
+    result = bench.main(["--smoke"])                       # {num_chains: {"trace_over_fast": ..., ...}}
+    keys = ("trace_over_fast", "fast_over_bare", "step_trace_over_fast", "step_fast_over_bare")
+    ratios = [r[k] for r in result.values() for k in keys]
+    assert set(result) == {1, 16} and len(ratios) == 8
+    assert all(0.2 < r < 10.0 for r in ratios)   # the same arithmetic: within a small factor even in smoke

@@ -11,9 +11,11 @@ import torch  # noqa: E402
 from arviz_stats import sampling_diagnostics as azd  # noqa: E402
 
 from ppl_vae.diagnostics import (  # noqa: E402
+    accepted_from_positions,
     plot_energy,
     plot_rank,
     plot_trace,
+    sampler_table,
     summary,
     summary_table,
     to_arviz,
@@ -64,9 +66,11 @@ def test_summary_agrees_with_arviz_stats(chains):
     # converged chains on a Gaussian: R-hat near 1, decent ESS, posterior mean close to the truth
     assert (s["r_hat"] < 1.05).all() and (s["ess_bulk"] > 50).all()
     assert np.abs(s["mean"].values - np.array([0.5, -1.0])).max() < 0.4
-    # sampler stats
+    # sampler stats: the mean acceptance probability and the fraction of accepted proposals, both per chain
     acc = chains.accept_prob.movedim(0, 1).numpy().mean(1)
-    np.testing.assert_allclose(s["accept_rate"].values, acc, rtol=1e-6)
+    np.testing.assert_allclose(s["accept_prob"].values, acc, rtol=1e-6)
+    moved = (chains.positions[1:] != chains.positions[:-1]).any(-1).movedim(0, 1).numpy().mean(1)
+    np.testing.assert_allclose(s["accept_rate"].values, moved, rtol=1e-6)
     assert s["n_divergent"].dims == ("chain", "datapoint") and int(s["n_divergent"].sum()) == chains.num_divergent
     e = chains.energy.movedim(0, 1).numpy().astype(float)  # (chain, draw, datapoint)
     bfmi = np.square(np.diff(e, axis=1)).sum(1) / np.square(e - e.mean(1, keepdims=True)).sum(1)
@@ -74,7 +78,35 @@ def test_summary_agrees_with_arviz_stats(chains):
     assert "r_hat" in s.attrs["computed"]
     df = summary_table(dt)
     assert list(df.columns) == ["mean", "sd", "mcse_mean", "ess_bulk", "ess_tail", "r_hat"]
-    assert len(df) == 6 and "accept_rate" in df.attrs and df.attrs["n_divergent"] == chains.num_divergent
+    assert len(df) == 6 and df.attrs["n_divergent"] == chains.num_divergent
+    assert {"accept_prob", "accept_rate"} <= set(df.attrs)
+
+
+def test_accept_rate_is_the_fraction_accepted_not_the_mean_probability():
+    """Two chains, three draws: MH probabilities 0.5 everywhere; chain 0 accepted 3 of 3, chain 1 1 of 3."""
+    x = np.zeros((2, 3, 1))
+    stats = {"accept_prob": np.full((2, 3), 0.5), "accepted": np.array([[1, 1, 1], [1, 0, 0]], dtype=bool),
+             "diverging": np.zeros((2, 3), dtype=bool), "energy": np.arange(6.0).reshape(2, 3)}
+    s = summary(to_arviz(x, stats))
+    np.testing.assert_allclose(s["accept_prob"].values, [0.5, 0.5])
+    np.testing.assert_allclose(s["accept_rate"].values, [1.0, 1 / 3])
+    table = sampler_table(to_arviz(x, stats))
+    assert list(table.index) == [0, 1] and list(table.columns[:2]) == ["accept_prob", "accept_rate"]
+
+
+def test_accepted_from_positions_matches_the_kernel_decision():
+    from ppl_vae.infer.mcmc import HMCState, hmc_step, value_and_grad_fn
+
+    target = correlated_gaussian([0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]])
+    gen = torch.Generator().manual_seed(3)
+    pos = torch.randn(64, 2, generator=gen)
+    grad_fn = value_and_grad_fn(target)
+    lp, g = grad_fn(pos)
+    state = HMCState(pos, lp, g)
+    new, info = hmc_step(state, torch.full((2,), 1.6), 4, grad_fn, None, gen)
+    decided = accepted_from_positions(torch.stack([pos, new.position.detach()]))[0]
+    assert 0 < int(info.accepted.sum()) < 64                  # a step size that rejects some proposals
+    assert torch.equal(decided, info.accepted)
 
 
 def test_rhat_flags_stuck_chains():

@@ -1,7 +1,8 @@
-"""HMCRefinedGuide / pyro_log_joint / HMCObjective on a linear-Gaussian latent model with a closed-form posterior.
+"""The generic inference core: a potential derived from any Pyro program's trace, the HMC-refined guide built from a
+user's model/guide pair, and the three-group HMC objective under plain ``pyro.infer.SVI``.
 
-Model (per datapoint): z ~ N(0, I_2), x | z ~ N(W z + b, σ² I_6), entries of x observed where the mask is 1.
-Posterior: Λ = I + W_Oᵀ W_O / σ², mean = Λ⁻¹ W_Oᵀ (x_O − b_O) / σ², covariance Λ⁻¹ (O = observed entries).
+Reference model (per datapoint): z ~ N(0, I_2), x | z ~ N(W z + b, σ² I_3), written as a plain Pyro program on a raw
+tensor. Exact posterior: Λ = I + Wᵀ W / σ², mean = Λ⁻¹ Wᵀ (x − b) / σ², covariance Λ⁻¹.
 """
 from __future__ import annotations
 
@@ -11,247 +12,291 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
-from ppl_vae.infer.refined_guide import HMCObjective, HMCRefinedGuide, pyro_log_joint
-from ppl_vae.models.base import Batch
+from ppl_vae.infer.potential import PotentialError, TracePotential
+from ppl_vae.infer.refined_guide import HMCObjective, HMCRefinedGuide
 
-LATENT, OBS, SIGMA = 2, 6, 0.5
-
-
-class LinearGaussianLVM(nn.Module):
-    """A minimal refinable model: the contract of ppl_vae's LatentVariableModel for HMC refinement."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.decoder = nn.Linear(LATENT, OBS)
-        with torch.no_grad():
-            self.decoder.weight.copy_(torch.randn(OBS, LATENT, generator=g))
-            self.decoder.bias.copy_(0.3 * torch.randn(OBS, generator=g))
-        self.encoder = nn.Linear(2 * OBS, 2 * LATENT)
-
-    # --- contract -------------------------------------------------------------------------------------------
-    def latent_sites(self):
-        return [("z", LATENT)]
-
-    def encoder_parameters(self):
-        return list(self.encoder.parameters())
-
-    def proposal(self, batch: Batch):
-        m = batch.x_mask.float()
-        out = self.encoder(torch.cat([batch.x * m, m], -1))
-        loc, log_scale = out.chunk(2, -1)
-        return loc, log_scale.clamp(-5, 3).exp()
-
-    def log_joint(self, latent: torch.Tensor, batch: Batch) -> torch.Tensor:
-        m = batch.x_mask.float()
-        prior = -0.5 * (latent**2).sum(-1) - 0.5 * LATENT * math.log(2 * math.pi)
-        loc = self.decoder(latent)
-        ll = -0.5 * ((batch.x - loc) / SIGMA) ** 2 - math.log(SIGMA) - 0.5 * math.log(2 * math.pi)
-        return prior + (ll * m).sum(-1)
-
-    def model(self, batch: Batch):
-        pyro.module("decoder", self.decoder)
-        with pyro.plate("data", batch.size, dim=-1):
-            z = pyro.sample("z", dist.Normal(torch.zeros(batch.size, LATENT), 1.0).to_event(1))
-            loc = self.decoder(z)
-            pyro.sample("x", dist.Normal(loc, SIGMA).mask(batch.x_mask).to_event(1), obs=batch.x)
-
-    def guide(self, batch: Batch):
-        pyro.module("encoder", self.encoder)
-        loc, scale = self.proposal(batch)
-        with pyro.plate("data", batch.size, dim=-1):
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    # --- exact posterior ------------------------------------------------------------------------------------
-    def posterior(self, batch: Batch):
-        w, b = self.decoder.weight.detach(), self.decoder.bias.detach()
-        means, covs = [], []
-        for x, m in zip(batch.x, batch.x_mask.float()):
-            wo = w * m[:, None]
-            prec = torch.eye(LATENT) + wo.T @ wo / SIGMA**2
-            cov = torch.linalg.inv(prec)
-            means.append(cov @ (wo.T @ ((x - b) * m)) / SIGMA**2)
-            covs.append(cov)
-        return torch.stack(means), torch.stack(covs)
+W = torch.tensor([[1.0, 0.5], [-0.3, 1.2], [0.8, -0.7]])
+B = torch.tensor([0.1, -0.2, 0.3])
+SIGMA = 0.5
+PREC = torch.eye(2) + W.T @ W / SIGMA**2
+COV = torch.linalg.inv(PREC)
 
 
-def make_batch(model: LinearGaussianLVM, n: int = 8, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, LATENT, generator=g)
+def model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W.T + B, SIGMA).to_event(1), obs=x)
+
+
+def posterior_mean(x):
+    return (x - B) @ W / SIGMA**2 @ COV
+
+
+def misspecified_guide(x):
+    """The exact posterior's mean shifted by 1 and its marginal scales times 0.25."""
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(posterior_mean(x) + 1.0, 0.25 * COV.diagonal().sqrt()).to_event(1))
+
+
+def gaussian_kl(m1, c1, m0, c0):
+    """KL(N(m1, c1) || N(m0, c0)) per row: m (n, d), c (n, d, d) or (d, d)."""
+    c0 = c0.expand(m1.shape[0], *c0.shape[-2:])
+    ic0 = torch.linalg.inv(c0)
+    d = m0 - m1
+    tr = torch.einsum("nij,nji->n", ic0, c1)
+    quad = torch.einsum("ni,nij,nj->n", d, ic0, d)
+    return 0.5 * (tr + quad - m1.shape[-1] + torch.logdet(c0) - torch.logdet(c1))
+
+
+def sample_moments(s):
+    m = s.mean(0)
+    c = torch.einsum("cni,cnj->nij", s - m, s - m) / (s.shape[0] - 1)
+    return m, c
+
+
+X = torch.randn(6, 3, generator=torch.Generator().manual_seed(3)) * 2
+
+
+def test_refined_misspecified_guide_reaches_exact_posterior():
+    refined = HMCRefinedGuide(model, misspecified_guide, num_transitions=30, num_leapfrog=5)
     with torch.no_grad():
-        x = model.decoder(z) + SIGMA * torch.randn(n, OBS, generator=g)
-    mask = torch.rand(n, OBS, generator=g) > 0.3
-    mask[:, 0] = True
-    return Batch(x=torch.where(mask, x, torch.zeros_like(x)), x_mask=mask)
+        refined.bind(X)
+        refined.step_sizes.log_step_size.fill_(math.log(0.5))  # relative to the guide's σ
+        trace = refined.refine(X, num_chains=4000)
+    m, c = sample_moments(trace.position)
+    kl_refined = gaussian_kl(m, c, posterior_mean(X), COV)
+    guide_cov = torch.diag(0.25**2 * COV.diagonal()).expand(6, 2, 2)
+    kl_guide = gaussian_kl(posterior_mean(X) + 1.0, guide_cov, posterior_mean(X), COV)
+    assert float(kl_refined.max()) < 0.01
+    assert float(kl_guide.min()) > 1.0
+    assert trace.diverging.sum() == 0
 
 
-def test_pyro_log_joint_equals_fast_path():
-    model = LinearGaussianLVM()
-    batch = make_batch(model)
-    latent = torch.randn(5, batch.size, LATENT, dtype=torch.float64)
-    model = model.double()
-    batch = Batch(x=batch.x.double(), x_mask=batch.x_mask)
-    fast = model.log_joint(latent, batch)
-    ref = pyro_log_joint(model, latent, batch)
-    assert ref.shape == (5, batch.size)
-    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-10)
-    # float32 too, and the 2-D form
-    model32 = LinearGaussianLVM()
-    b32 = make_batch(model32)
-    z = torch.randn(b32.size, LATENT)
-    torch.testing.assert_close(model32.log_joint(z, b32), pyro_log_joint(model32, z, b32), rtol=1e-5, atol=1e-4)
+def test_potential_is_the_exact_log_joint():
+    bound = TracePotential(model, misspecified_guide).bind(X)
+    z = torch.randn(4, 6, 2)
+    expected = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + dist.Normal(z @ W.T + B, SIGMA).log_prob(X).sum(-1)
+    torch.testing.assert_close(bound(z), expected)
+    loc, scale = bound.proposal()
+    torch.testing.assert_close(loc, posterior_mean(X) + 1.0)
+    torch.testing.assert_close(scale, (0.25 * COV.diagonal().sqrt()).expand(6, 2))
 
 
-def test_pyro_log_joint_rejects_wrong_size():
-    model = LinearGaussianLVM()
-    batch = make_batch(model)
-    with pytest.raises(ValueError):
-        pyro_log_joint(model, torch.randn(2, batch.size, 3), batch)
+def test_constrained_latent_uses_bijection_and_jacobian():
+    def lognormal_model(x):
+        with pyro.plate("data", x.shape[0]):
+            s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, s), obs=x)
+
+    x = torch.randn(5)
+    bound = TracePotential(lognormal_model).bind(x)
+    u = torch.randn(3, 5, 1)
+    s = u[..., 0].exp()
+    expected = dist.LogNormal(0.0, 1.0).log_prob(s) + dist.Normal(0.0, s).log_prob(x) + u[..., 0]
+    torch.testing.assert_close(bound(u), expected)
 
 
-def test_refined_chains_approach_exact_posterior():
-    torch.manual_seed(0)
-    model = LinearGaussianLVM()
-    batch = make_batch(model, n=4)
-    mean, cov = model.posterior(batch)
-    # deliberately bad proposal: shifted by +2 and three times too wide
-    with torch.no_grad():
-        model.encoder.weight.zero_()
-        model.encoder.bias.copy_(torch.tensor([2.0, 2.0, math.log(3.0), math.log(3.0)]))
-    # posterior sds are 0.17-0.42; 30 transitions of 5 x 0.05 (a fixed integration time near half the
-    # Gaussian's period would only reflect the chains around the mean, so keep it well below)
-    guide = HMCRefinedGuide(model, num_steps=30, num_leapfrog=5)
-    with torch.no_grad():
-        guide.step_sizes.log_step_size.fill_(math.log(0.05))
-        trace = guide.refine(batch, num_chains=2000)
-    x0, xt = trace.initial_position, trace.position  # (C, B, 2)
-    err0 = (x0.mean(0) - mean).norm(dim=-1)
-    errt = (xt.mean(0) - mean).norm(dim=-1)
-    assert (errt < 0.1 * err0).all(), (err0, errt)
-    cov0 = torch.stack([torch.cov(x0[:, b].T) for b in range(batch.size)])
-    covt = torch.stack([torch.cov(xt[:, b].T) for b in range(batch.size)])
-    assert ((covt - cov).flatten(1).norm(dim=-1) < (cov0 - cov).flatten(1).norm(dim=-1)).all()
-    assert trace.accept_rate > 0.5
-    assert trace.num_divergent == 0
+def test_global_latent_and_missing_guide_site_raise_naming_the_site():
+    def model_with_global(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide_with_global(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.7))
+
+    with pytest.raises(PotentialError, match="'mu'"):
+        HMCRefinedGuide(model_with_global, guide_with_global).refine(torch.randn(5))
+
+    def model_extra_local(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            extra = pyro.sample("extra", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + extra, 1.0), obs=x)
+
+    def guide_z_only(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.7))
+
+    with pytest.raises(PotentialError, match="'extra'"):
+        HMCRefinedGuide(model_extra_local, guide_z_only).refine(torch.randn(5))
+
+    def model_discrete(x):
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(k, 1.0), obs=x)
+
+    with pytest.raises(PotentialError, match="'k'"):
+        TracePotential(model_discrete).bind(torch.randn(5))
 
 
-def test_grads_reach_step_sizes_and_decoder_not_encoder():
-    model = LinearGaussianLVM()
-    batch = make_batch(model)
-    guide = HMCRefinedGuide(model, num_steps=3, num_leapfrog=4)
-    trace = guide.refine(batch, num_chains=4)
-    loss = -model.log_joint(trace.position, batch).mean()
-    params = [guide.step_sizes.log_step_size, model.decoder.weight, guide.log_inflation] + model.encoder_parameters()
-    g_step, g_w, g_s, *g_enc = torch.autograd.grad(loss, params, allow_unused=True)
-    assert torch.isfinite(g_step).all() and (g_step.abs() > 0).all()
-    assert torch.isfinite(g_w).all() and g_w.abs().sum() > 0
-    assert g_s is not None and torch.isfinite(g_s).all()  # L_HMC depends on s (only its own group is updated)
-    assert all(g is None for g in g_enc)  # proposal detached from the encoder
+def _param_model(x):
+    w = pyro.param("W", torch.zeros(3, 2))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ w.T, 1.0).to_event(1), obs=x)
 
 
-def test_sksd_loss_reaches_inflation_only():
-    model = LinearGaussianLVM()
-    batch = make_batch(model)
-    guide = HMCRefinedGuide(model, num_steps=2, num_leapfrog=3, inflation="layer", sksd_chains=20)
-    loss = guide.sksd_loss(batch)
-    assert loss.dim() == 0 and torch.isfinite(loss)
-    params = [guide.log_inflation, guide.step_sizes.log_step_size] + list(model.parameters())
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    assert grads[0] is not None and torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
-    assert all(g is None for g in grads[1:])
-    assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+def _param_guide(x):
+    loc = pyro.param("loc", torch.zeros(x.shape[0], 2))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
 
 
-def test_guide_under_trace_elbo_is_expected_log_joint():
-    model = LinearGaussianLVM()
-    batch = make_batch(model)
-    guide = HMCRefinedGuide(model, num_steps=2, num_leapfrog=2)
-    pyro.set_rng_seed(3)
-    loss = pyro.infer.Trace_ELBO().differentiable_loss(model.model, guide, batch)
-    pyro.set_rng_seed(3)
-    z = guide.refine(batch, 1).position[0]
-    torch.testing.assert_close(loss, -model.log_joint(z, batch).sum(), rtol=1e-5, atol=1e-4)
-    loss.backward()
-    assert guide.step_sizes.log_step_size.grad is not None
-    assert torch.isfinite(guide.step_sizes.log_step_size.grad).all()
+def test_plain_svi_with_hmc_objective_trains_pyro_params_of_model_and_guide():
+    refined = HMCRefinedGuide(_param_model, _param_guide, num_transitions=2, num_leapfrog=2)
+    svi = SVI(_param_model, refined, pyro.optim.Adam({"lr": 0.05}), HMCObjective(sksd_chains=5))
+    for _ in range(6):
+        svi.step(X)
+    store = pyro.get_param_store()
+    assert float(store["W"].detach().abs().sum()) > 0.1
+    assert float(store["loc"].detach().abs().sum()) > 0.1
+    assert "hmc_guide$$$step_sizes.log_step_size" in store.keys()
+    assert "hmc_guide$$$log_inflation" in store.keys()
 
 
-def test_guide_rejects_several_chains():
-    model = LinearGaussianLVM()
-    guide = HMCRefinedGuide(model, num_chains=3)
-    with pytest.raises(ValueError):
-        guide(make_batch(model))
+def test_hmc_objective_uses_the_model_svi_passes():
+    """The refined guide is built around `model`; SVI passes `_param_model`: the potential must target the latter."""
+    refined = HMCRefinedGuide(model, _param_guide, num_transitions=2, num_leapfrog=2)
+    svi = SVI(_param_model, refined, pyro.optim.Adam({"lr": 0.05}), HMCObjective(sksd_chains=0))
+    svi.step(X)
+    assert refined.last_potential.model is _param_model
+    assert float(pyro.get_param_store()["W"].detach().abs().sum()) > 0.0
 
 
-def test_hmc_objective_with_svi_updates_each_group():
-    torch.manual_seed(0)
-    model = LinearGaussianLVM()
-    batch = make_batch(model, n=16)
-    guide = HMCRefinedGuide(model, num_steps=3, num_leapfrog=3, inflation="scalar", sksd_chains=10)
+def test_objective_sends_each_group_its_own_gradient():
+    """ELBO -> guide parameters only; L_HMC -> model parameters and step sizes; SKSD -> inflation only."""
+    refined = HMCRefinedGuide(_param_model, _param_guide, num_transitions=2, num_leapfrog=2, sksd_chains=5)
     objective = HMCObjective()
-    svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.05}), objective)
-    before = {
-        "enc": model.encoder.weight.detach().clone(),
-        "dec": model.decoder.weight.detach().clone(),
-        "step": guide.step_sizes.log_step_size.detach().clone(),
-        "infl": guide.log_inflation.detach().clone(),
-    }
-    loss = svi.step(batch)
-    assert math.isfinite(loss)
-    names = set(pyro.get_param_store().keys())
-    assert {"hmc_guide$$$step_sizes.log_step_size", "hmc_guide$$$log_inflation", "encoder$$$weight",
-            "decoder$$$weight"} <= names
-    after = {
-        "enc": model.encoder.weight, "dec": model.decoder.weight,
-        "step": guide.step_sizes.log_step_size, "infl": guide.log_inflation,
-    }
-    for k in before:
-        assert not torch.equal(before[k], after[k].detach()), f"{k} was not updated"
-    stats = objective.last_stats
-    for key in ("elbo", "log_p_T", "sksd", "accept", "divergent", "inflation", "step_size"):
-        assert key in stats and math.isfinite(stats[key])
-    # grads were zeroed by SVI after the step
-    assert guide.step_sizes.log_step_size.grad is None or (guide.step_sizes.log_step_size.grad == 0).all()
-    assert math.isfinite(objective.loss(model.model, guide, batch))
-
-
-def test_hmc_objective_group_gradients_are_separate():
-    """The encoder's gradient is the ELBO's; the decoder's is L_HMC's (not the ELBO's)."""
-    torch.manual_seed(0)
-    model = LinearGaussianLVM()
-    batch = make_batch(model)
-    guide = HMCRefinedGuide(model, num_steps=2, num_leapfrog=2, sksd_chains=5)
-    objective = HMCObjective(model, guide)
-    pyro.set_rng_seed(5)
-    objective.loss_and_grads(model.model, guide, batch)
-    g_dec = model.decoder.weight.grad.clone()
-    g_enc = model.encoder.weight.grad.clone()
-    for p in list(model.parameters()) + list(guide.parameters()):
+    _param_model(X), _param_guide(X)
+    refined.bind(X)
+    store = pyro.get_param_store()
+    params = {"W": store["W"].unconstrained(), "loc": store["loc"].unconstrained(),
+              "phi": refined.step_sizes.log_step_size, "s": refined.log_inflation}
+    pyro.set_rng_seed(1)
+    objective.loss_and_grads(_param_model, refined, X)
+    grads = {k: p.grad.clone() for k, p in params.items()}
+    # the ELBO alone gives `loc` the same gradient; L_HMC alone gives W its gradient (not the ELBO's)
+    for p in params.values():
         p.grad = None
-    pyro.set_rng_seed(5)
-    elbo = pyro.infer.Trace_ELBO().differentiable_loss(model.model, model.guide, batch)
-    ref_enc, ref_dec = torch.autograd.grad(elbo, [model.encoder.weight, model.decoder.weight])
-    torch.testing.assert_close(g_enc, ref_enc)
-    assert not torch.allclose(g_dec, ref_dec)
+    pyro.set_rng_seed(1)  # the same guide draw as the objective's ELBO term
+    elbo = Trace_ELBO().differentiable_loss(_param_model, _param_guide, X)
+    (g_loc, g_w_elbo) = torch.autograd.grad(elbo, [params["loc"], params["W"]])
+    torch.testing.assert_close(grads["loc"], g_loc)
+    assert not torch.allclose(grads["W"], g_w_elbo)
+    assert float(grads["phi"].abs().sum()) > 0 and float(grads["s"].abs().sum()) > 0
 
 
-def test_objective_when_guide_is_a_submodule_of_the_model():
-    """As in the HMC table models: the guide is registered inside the model; its parameters must still get only
-    their own objectives (no L_HMC gradient on the inflation, step sizes not counted twice)."""
+def test_predictive_parallel_and_vectorized_particles():
+    refined = HMCRefinedGuide(model, misspecified_guide, num_transitions=3, num_leapfrog=3)
+    pred = Predictive(model, guide=refined, num_samples=7, parallel=True)(X)
+    assert pred["z"].shape == (7, 6, 2) and pred["x"].shape == (7, 6, 3)
+    pred = Predictive(model, guide=refined, num_samples=3)(X)
+    assert pred["z"].shape == (3, 6, 2)
+    refined2 = HMCRefinedGuide(_param_model, _param_guide, num_transitions=2, num_leapfrog=2)
+    elbo = Trace_ELBO(vectorize_particles=True, num_particles=4, max_plate_nesting=1)
+    loss = SVI(_param_model, refined2, pyro.optim.Adam({"lr": 0.05}), elbo).step(X)
+    assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_autoguide_proposals(guide_cls):
+    def pos_model(x):
+        with pyro.plate("data", x.shape[0]):
+            s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, s), obs=x)
+
+    x = torch.randn(5)
+    auto = guide_cls(pos_model)
+    auto(x)
+    refined = HMCRefinedGuide(pos_model, auto, num_transitions=2, num_leapfrog=2)
+    out = refined(x)
+    assert out["s"].shape == (5,) and bool((out["s"] > 0).all())
+    loc, scale = refined.last_potential.proposal()
+    assert loc.shape == (5, 1) and bool((scale > 0).all())
+
+
+def test_nan_inside_a_trajectory_is_a_divergence_not_an_error():
+    """A huge step makes exp(z) overflow: Pyro's validation would raise inside the density; it must count."""
+    def scale_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, torch.exp(20 * z)), obs=x)
+
+    def scale_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+
+    refined = HMCRefinedGuide(scale_model, scale_guide, num_transitions=3, num_leapfrog=3,
+                              step_size_scheme="absolute")
+    with pyro.validation_enabled(True), torch.no_grad():
+        refined.bind(torch.randn(8))
+        refined.step_sizes.log_step_size.fill_(math.log(50.0))
+        trace = refined.refine(torch.randn(8), num_chains=4)
+    assert int(trace.diverging.sum()) > 0
+    assert bool(torch.isfinite(trace.position).all())
+
+
+# ------------------------------------------------------------------ the package's table models on the core
+@pytest.fixture(scope="module")
+def boston():
+    from ppl_vae import load_dataset
+
+    data = load_dataset("boston")
+    split = data.splits(n_splits=10, seed=0)[0]
+    return data, split.train.batch()[:32]
+
+
+@pytest.mark.parametrize("name", ["hmc-vae", "hmc-vaem"])
+def test_trace_potential_equals_table_fast_path(boston, name):
+    from ppl_vae.models import build_model
+
+    data, batch = boston
     torch.manual_seed(0)
-    model = LinearGaussianLVM()
-    model.hmc_guide = HMCRefinedGuide(model, num_steps=2, num_leapfrog=3)
-    guide = model.hmc_guide
-    batch = make_batch(model)
-    objective = HMCObjective(model, guide, sksd_chains=0)
-    pyro.set_rng_seed(11)
-    objective.loss_and_grads(model.model, guide, batch)
-    assert guide.log_inflation.grad is None
-    got = guide.step_sizes.log_step_size.grad.clone()
-    pyro.set_rng_seed(11)
-    pyro.infer.Trace_ELBO().differentiable_loss(model.model, model.guide, batch)  # same RNG consumption
-    trace = guide.refine(batch, 1)
-    (want,) = torch.autograd.grad(-model.log_joint(trace.position, batch).mean(), guide.step_sizes.log_step_size)
-    torch.testing.assert_close(got, want)
+    m = build_model(name, data.schema, latent_dim=4).double()
+    b64 = type(batch)(x=batch.x.double(), x_mask=batch.x_mask, y=batch.y.double(), y_mask=batch.y_mask)
+    bound = TracePotential(m.model, m.guide).bind(b64)
+    z = torch.randn(3, batch.size, 4, dtype=torch.float64)
+    torch.testing.assert_close(bound(z), m.log_joint(z, b64), rtol=1e-6, atol=1e-6)
+    m32 = build_model(name, data.schema, latent_dim=4)
+    m32.hmc_guide.bind(batch)(z.float())
+    assert m32.hmc_guide.potential.check_report["max_relative_error"] <= 1e-5
+
+
+def test_hand_written_log_joint_that_disagrees_raises(boston):
+    """A subclass that changes the model (Laplace prior) but not the fast path must get an error, not HMC on the
+    wrong density."""
+    from ppl_vae.models.tabular.hmc import HMCVAE
+
+    class LaplaceHMCVAE(HMCVAE):
+        def model(self, batch):
+            self.register_modules(self.generative_modules())
+            with pyro.plate("data", batch.size, device=batch.device):
+                z = pyro.sample("z", dist.Laplace(batch.x.new_zeros(self.latent_dim), 1.0).to_event(1))
+                self.observe_x(z, batch)
+                y, y_mask = self.target(batch)
+                self.predictor.likelihood.observe("y", self.y_params(z, batch), y, y_mask)
+
+    data, batch = boston
+    m = LaplaceHMCVAE(data.schema, latent_dim=4)
+    with pytest.raises(PotentialError, match="disagrees"):
+        m.hmc_guide.refine(batch, num_chains=2)
+
+
+def test_config_typo_raises_type_error(boston):
+    from ppl_vae.models import build_model
+
+    data, _ = boston
+    with pytest.raises(TypeError, match="latnet_dim.*latent_dim"):
+        build_model("vae", data.schema, latnet_dim=5)
+    with pytest.raises(TypeError, match="hmc_stepz"):
+        build_model("hmc-vaem", data.schema, hmc_stepz=3)
+    m = build_model("hmc-vae", data.schema, latent_dim=3, hmc_steps=2)
+    rebuilt = build_model("hmc-vae", **m.config)
+    assert rebuilt.cfg == m.cfg

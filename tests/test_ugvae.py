@@ -1,4 +1,4 @@
-"""UG-VAE (METHODS §10) and its baselines as Pyro programs; the experiment pipeline in smoke mode."""
+"""UG-VAE (Peis et al. 2023) and its baselines as Pyro programs; the experiment pipeline in smoke mode."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +45,7 @@ def _tiny(**kw) -> UGVAE:
 
 # ------------------------------------------------------------------------------------------ the ELBO
 def _hand_elbo(m: UGVAE, batch: Batch, z: torch.Tensor, beta: torch.Tensor, mode: str) -> torch.Tensor:
-    """METHODS §10's ELBO at fixed (z, beta) draws, the sum over d written out."""
+    """The UG-VAE ELBO (Peis et al. 2023) at fixed (z, beta) draws, the sum over d written out."""
     x = batch.x
     K = m.num_components
     h, z_loc, z_scale = m.local_posterior(x)
@@ -154,7 +154,7 @@ def digits28():
 
 def test_training_decreases_the_loss_on_digits(digits28):
     from ppl_vae.data.batches import StructuredBatchSampler
-    from ppl_vae.experiments.ugvae import train_svi
+    from ppl_vae.experiments.ugvae.common import train_svi
 
     x, y = digits28
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def test_training_decreases_the_loss_on_digits(digits28):
 
 def test_seeded_training_is_deterministic(digits28):
     from ppl_vae.data.batches import StructuredBatchSampler
-    from ppl_vae.experiments.ugvae import train_svi
+    from ppl_vae.experiments.ugvae.common import train_svi
 
     x, y = digits28
     runs = []
@@ -199,6 +199,8 @@ def test_bad_configuration_is_rejected():
         UGVAE(x_dim=64, arch="conv")
     with pytest.raises(ValueError):
         BetaVAE(beta_kl=0.0)
+    with pytest.raises(ValueError, match="dim_beta"):
+        UGVAE(dim_beta=0)
 
 
 def test_conv_and_gaussian_variants_run():
@@ -209,6 +211,36 @@ def test_conv_and_gaussian_variants_run():
     gauss = UGVAE(x_dim=5, likelihood="gaussian", pixel_scale=0.2 ** 0.5, hidden=8)
     vec = Batch(torch.randn(7, 5), torch.ones(7, 5, dtype=torch.bool))
     assert math.isfinite(TraceEnum_ELBO(max_plate_nesting=1).loss(gauss.model, gauss.guide, vec))
+
+
+# ------------------------------------------------------------------------------------------ typed configs
+_LATENT = {UGVAE: "dim_z", BetaVAE: "dim_z", GMVAE: "dim_z", MLVAE: "dim_style"}
+
+
+@pytest.mark.parametrize("cls", [UGVAE, BetaVAE, GMVAE, MLVAE])
+def test_typed_config_rebuilds_the_model_and_rejects_typos(cls):
+    from ppl_vae.models.config import ModelConfig
+
+    latent = _LATENT[cls]
+    m = cls(x_dim=12, hidden=4, **{latent: 3})
+    assert isinstance(m.cfg, cls.Config) and isinstance(m.cfg, ModelConfig)
+    assert m.config == m.cfg.to_dict() and isinstance(m.config, dict)
+    rebuilt = cls(**m.config)                                           # what a checkpoint does
+    assert rebuilt.cfg == m.cfg
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    rebuilt.load_state_dict(m.state_dict())
+    # a config object (alone, with overrides, or as a dict) builds the same family
+    from_obj = cls(cls.Config(x_dim=12, hidden=4, **{latent: 3}))
+    assert from_obj.cfg == m.cfg and from_obj.encode_local(_batch(5, 12)).shape == (5, 3)
+    assert getattr(cls(cls.Config(**{latent: 3}), **{latent: 2}).cfg, latent) == 2
+    assert cls(m.config).cfg == m.cfg
+    # a typo is a TypeError naming it (not a silent default), however it is passed
+    for bad in (lambda: cls(dim_zz=3), lambda: cls(cls.Config(), dim_zz=3), lambda: cls({"dim_zz": 3})):
+        with pytest.raises(TypeError, match="dim_zz"):
+            bad()
+    other = next(c for c in (UGVAE, MLVAE) if c is not cls)
+    with pytest.raises(TypeError, match=cls.Config.__name__):
+        cls(other.Config())
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -265,7 +297,7 @@ def test_gmvae_elbo_runs_and_enumerates():
 
 # ------------------------------------------------------------------------------------------ experiments
 def test_frechet_distance_closed_form():
-    from ppl_vae.experiments.ugvae import frechet_distance
+    from ppl_vae.experiments.ugvae.frechet import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 4))
@@ -312,7 +344,7 @@ def test_benchmark_script_smoke(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_ugvae_trains_on_cuda():
     from ppl_vae.data.batches import StructuredBatchSampler
-    from ppl_vae.experiments.ugvae import train_svi
+    from ppl_vae.experiments.ugvae.common import train_svi
 
     x = torch.rand(256, 784)
     y = torch.randint(10, (256,))

@@ -5,13 +5,17 @@
     ppl-vae fit MODEL --dataset NAME [--fold K] --out DIR     train one split, write a resumable checkpoint
     ppl-vae evaluate CHECKPOINT [--num-samples K]      metrics of a checkpoint on its own test split
 
-Bad input (unknown data set/model, malformed CSV) exits with status 2 and a one-line message naming the fault;
-nothing already written is removed.
+Exit status: 0 on success; 2 on bad input (unknown data set/model, malformed CSV, a crafted or foreign checkpoint,
+a checkpoint trained with other settings, a diverging loss) with a one-line message naming the fault; 130 / 143 when
+SIGINT (Ctrl-C) / SIGTERM stopped training, after the current step was finished and a checkpoint written (running
+the same command again resumes). Nothing already written is removed, except by ``--overwrite``.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,6 +41,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=None, help="override the model's latent size")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoint writes (default 500)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete this output's checkpoints and results first and retrain (default: resume, refusing "
+                        "checkpoints trained with other settings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +141,7 @@ def _cmd_run(args) -> int:
     res = run_experiment(args.model, ds, splits=args.splits, folds=args.folds, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, num_samples=args.num_samples, device=args.device,
                          seed=args.seed, out=out, progress=not args.no_progress, model_kwargs=_model_kwargs(args),
-                         data_spec=spec)
+                         data_spec=spec, checkpoint_every=args.checkpoint_every, overwrite=args.overwrite)
     print(f"\n{args.model} on {ds.name}: {len(res.split)} split(s), {args.steps} steps, K={args.num_samples}")
     print("NLLs in the normalised domain (lower is better); RMSE in original target units\n")
     print(format_table(res))
@@ -148,13 +156,16 @@ def _cmd_fit(args) -> int:
     ds, spec = _dataset_from_args(args)
     splits = ds.splits(n_splits=args.folds, seed=args.seed)
     if not 0 <= args.fold < len(splits):
-        raise SystemExit(f"ppl-vae: error: --fold must be in 0..{len(splits) - 1}")
+        from ppl_vae.errors import PplVaeError
+
+        raise PplVaeError(f"--fold must be in 0..{len(splits) - 1}, got {args.fold}")
     spec.update({"folds": args.folds, "seed": args.seed})
     out = Path(args.out)
     ckpt = out / "checkpoint.pt"
     _, history = fit_split(args.model, ds, splits[args.fold], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            device=args.device, seed=args.seed + args.fold, checkpoint=ckpt,
-                           progress=not args.no_progress, model_kwargs=_model_kwargs(args), data_spec=spec)
+                           progress=not args.no_progress, model_kwargs=_model_kwargs(args), data_spec=spec,
+                           checkpoint_every=args.checkpoint_every, overwrite=args.overwrite)
     last = history[-1]["loss"] if history else float("nan")
     print(f"trained {args.model} on {ds.name} fold {args.fold}: final loss {last:.4f}; checkpoint {ckpt}")
     return 0
@@ -172,12 +183,22 @@ def _cmd_evaluate(args) -> int:
 _COMMANDS = {"datasets": _cmd_datasets, "run": _cmd_run, "fit": _cmd_fit, "evaluate": _cmd_evaluate}
 
 
+def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+    from ppl_vae.errors import TrainingInterrupted
+
+    raise TrainingInterrupted(signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``ppl-vae``; returns the exit status (2 on bad input)."""
-    from ppl_vae.errors import PplVaeError
+    """Entry point of ``ppl-vae``; returns the exit status: 0, 2 on bad input (one line on stderr, no traceback),
+    130 / 143 after SIGINT / SIGTERM (training checkpoints first; the message says how to resume)."""
+    from ppl_vae.errors import PplVaeError, TrainingInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM outside training: a clean exit 143
+        previous, installed = signal.signal(signal.SIGTERM, _raise_interrupted), True
     try:
         if args.command in _COMMANDS:
             return _COMMANDS[args.command](args)
@@ -190,6 +211,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PplVaeError as exc:
         print(f"ppl-vae: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        resume = ("run the same command again to resume" if exc.checkpoint else
+                  "run the same command again to resume from the last checkpoint, if any")
+        print(f"ppl-vae: {exc}; {resume}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ppl-vae: interrupted (SIGINT); run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Structured image batches for global-factor models (UG-VAE, ML-VAE; METHODS §10).
+"""Structured image batches for global-factor models (UG-VAE, Peis et al. 2023; ML-VAE, Bouchacourt et al. 2018).
 
 UG-VAE learns one global latent per *batch*, so the experiments build batches on purpose:
 
@@ -12,15 +12,13 @@ Everything is seeded by a :class:`torch.Generator`; each batch is a :class:`ppl_
 ``x (B, 784)`` in ``[0, 1]``, ``x_mask`` all ``True``, ``y = label (B, 1)`` float, ``y_mask`` all ``True``,
 ``group (B,)`` the batch category and ``index (B,)`` the rows used.
 
-Images: the MNIST test set (LeCun et al. 1998; 10,000 28x28 digits, IDX files), read from the vendored copy in
-``ppl_vae/data/files`` (or ``files/mnist``), falling back to ``/work/shared/data/mnist``; the scikit-learn 8x8
-digits (UCI optdigits test set, Alpaydin & Kaynak 1998) upsampled to 28x28 as a second source.
+Images: the MNIST test set (LeCun et al. 1998; 10,000 28x28 digits), read from the copy vendored in
+``ppl_vae/data/files/mnist`` by :func:`ppl_vae.data.registry.read_mnist_test` (the package's one MNIST reader); the
+scikit-learn 8x8 digits (UCI optdigits test set, Alpaydin & Kaynak 1998) upsampled to 28x28 as a second source.
 """
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -28,16 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ppl_vae.data.registry import MNIST_FILES, read_mnist_test
 from ppl_vae.errors import DataError, UnknownNameError
 from ppl_vae.models.base import Batch
 
-__all__ = ["MNIST_FILES", "load_mnist_images", "SERIES_KINDS", "series_digits", "series_batches",
-           "StructuredBatchSampler", "SAMPLER_MODES", "RANDOM_CATEGORY", "TwoSourceData", "two_source_dataset",
-           "load_sklearn_digits28", "make_batch"]
+__all__ = ["MNIST_FILES", "load_mnist_images", "mnist_unless_given", "SERIES_KINDS", "series_digits",
+           "series_batches", "StructuredBatchSampler", "SAMPLER_MODES", "RANDOM_CATEGORY", "TwoSourceData",
+           "two_source_dataset", "load_sklearn_digits28", "make_batch"]
 
-#: File names of the MNIST test set (IDX format, gzip-compressed).
-MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-_FALLBACK_DIR = Path("/work/shared/data/mnist")
 #: Kinds of "MNIST series" batches, in the order of their category code (``group`` value 0..3).
 SERIES_KINDS = ("even", "odd", "fibonacci", "prime")
 #: Modes of :class:`StructuredBatchSampler`.
@@ -47,49 +43,35 @@ RANDOM_CATEGORY = -1
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def _mnist_dirs() -> list[Path]:
-    here = Path(__file__).resolve().parent / "files"
-    return [here, here / "mnist", _FALLBACK_DIR]
-
-
-def _read_idx(path: Path, header: int) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    return np.frombuffer(raw, dtype=np.uint8, offset=header)
-
-
-@lru_cache(maxsize=2)
-def _load_mnist_numpy(directory: str) -> tuple[np.ndarray, np.ndarray]:
-    d = Path(directory)
-    images = _read_idx(d / MNIST_FILES[0], 16)
-    labels = _read_idx(d / MNIST_FILES[1], 8)
-    if images.size != labels.size * 784:
-        raise DataError(f"MNIST files in {d} disagree: {images.size} pixels for {labels.size} labels")
-    return images.reshape(-1, 784), labels
-
-
 def load_mnist_images(directory: Optional[str | Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MNIST test set as flat float images and integer labels.
 
     Args:
-        directory: folder holding :data:`MNIST_FILES`; by default the vendored ``ppl_vae/data/files`` (or
-            ``files/mnist``), falling back to ``/work/shared/data/mnist``.
+        directory: a folder holding :data:`MNIST_FILES`; by default the copy vendored in
+            ``ppl_vae/data/files/mnist``.
 
     Returns:
         ``(images (10000, 784) float32 in [0, 1], labels (10000,) int64 in 0..9)`` (fresh tensors, CPU).
 
     Raises:
-        FileNotFoundError: no folder holds both files.
-        ppl_vae.errors.DataError: the two files disagree in length.
+        FileNotFoundError: ``directory`` lacks one of the files.
+        ppl_vae.errors.DataError: a vendored file is missing, or the two files disagree in length.
 
-    Source: LeCun et al. 1998, MNIST test set (IDX: 16-byte image header, 8-byte label header, uint8 pixels).
+    Source: LeCun et al. 1998, MNIST test set, read by :func:`ppl_vae.data.registry.read_mnist_test`.
     """
-    candidates = [Path(directory)] if directory is not None else _mnist_dirs()
-    for d in candidates:
-        if all((d / f).is_file() for f in MNIST_FILES):
-            images, labels = _load_mnist_numpy(str(d.resolve()))
-            return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
-    raise FileNotFoundError(f"MNIST files {MNIST_FILES} not found in any of {[str(c) for c in candidates]}")
+    images, labels = read_mnist_test(directory)
+    return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
+
+
+def mnist_unless_given(images: Optional[torch.Tensor], labels: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` as given, or the MNIST test set (:func:`load_mnist_images`) when either is ``None``.
+
+    Shapes: ``images (N, 784)``, ``labels (N,)``.
+    """
+    if images is None or labels is None:
+        return load_mnist_images()
+    return images, labels
 
 
 def load_sklearn_digits28() -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +144,7 @@ def series_digits(kind: str, num_digits: int = 256) -> torch.Tensor:
     Raises:
         ppl_vae.errors.UnknownNameError: unknown ``kind``. ValueError: ``num_digits < 1``.
 
-    Source: METHODS §10, "MNIST series" experiment.
+    Source: Peis et al. 2023 (UG-VAE), "MNIST series" experiment.
     """
     if kind not in SERIES_KINDS:
         raise UnknownNameError("series kind", kind, SERIES_KINDS)
@@ -204,7 +186,7 @@ def series_batches(kind: str, num_batches: int, images: Optional[torch.Tensor] =
                    labels: Optional[torch.Tensor] = None, batch_size: int = 128, num_digits: int = 256,
                    generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                    device: torch.device | str = "cpu") -> list[Batch]:
-    """"MNIST series" batches (METHODS §10): each batch spells ``batch_size`` consecutive digits of a sequence.
+    """"MNIST series" batches (Peis et al. 2023): each batch spells ``batch_size`` consecutive digits of a sequence.
 
     For each batch: write the sequence's first ``num_digits`` digits (:func:`series_digits`), draw an offset
     uniformly in ``0..num_digits - batch_size``, and fill digit ``t`` of the window with a uniformly chosen image
@@ -229,8 +211,7 @@ def series_batches(kind: str, num_batches: int, images: Optional[torch.Tensor] =
     """
     if batch_size > num_digits:
         raise ValueError(f"batch_size {batch_size} exceeds num_digits {num_digits}")
-    if images is None or labels is None:
-        images, labels = load_mnist_images()
+    images, labels = mnist_unless_given(images, labels)
     g = _generator(generator, seed)
     digits = series_digits(kind, num_digits)
     by_class = _rows_by_class(labels)
@@ -251,7 +232,7 @@ def series_batches(kind: str, num_batches: int, images: Optional[torch.Tensor] =
 
 
 class StructuredBatchSampler:
-    """Seeded sampler of structured batches (METHODS §10: random, single-class, or two-source batches).
+    """Seeded sampler of structured batches (Peis et al. 2023: random, single-class, or two-source batches).
 
     Args:
         images: ``(N, D)`` float images (``D = 784`` for MNIST) in ``[0, 1]``.
@@ -341,7 +322,7 @@ class StructuredBatchSampler:
 # ---------------------------------------------------------------------------------------------------- two sources
 @dataclass
 class TwoSourceData:
-    """Images from two sources (domain alignment, METHODS §10).
+    """Images from two sources (domain alignment, Peis et al. 2023).
 
     Attributes:
         images: ``(N, 784)`` float in ``[0, 1]``.
@@ -379,8 +360,7 @@ def two_source_dataset(kind: str = "digits", n_per_source: Optional[int] = None,
     """
     if kind not in _TWO_SOURCE_KINDS:
         raise UnknownNameError("two-source kind", kind, _TWO_SOURCE_KINDS)
-    if images is None or labels is None:
-        images, labels = load_mnist_images()
+    images, labels = mnist_unless_given(images, labels)
     g = _generator(generator, seed)
     perm = torch.randperm(labels.numel(), generator=g)
     if kind == "digits":

@@ -128,11 +128,17 @@ class TableDataset:
             list of :class:`Split` (``train``/``test`` with natural missingness only, ``test_mask`` ``(N_test, D)``).
 
         Raises:
-            ValueError: ``n_splits < 1``, more splits than rows, or ``test_missing_rate`` outside ``[0, 1]``.
+            DataError: ``n_splits < 1``, more splits than rows (the message suggests a smaller ``--folds``), fewer
+                than 2 rows, or a value that overflows float32 once normalised
+                (:meth:`Normaliser.transform_features`).
+            ValueError: ``test_missing_rate`` outside ``[0, 1]``.
         """
         n = len(self)
-        if n_splits < 1 or (n_splits > 1 and n_splits > n) or n < 2:
-            raise ValueError(f"cannot make {n_splits} split(s) of {n} rows")
+        if n < 2:
+            raise DataError(f"the table has {n} row(s); a train/test split needs at least 2")
+        if n_splits < 1 or (n_splits > 1 and n_splits > n):
+            raise DataError(f"cannot make {n_splits} folds of {n} rows: use --folds {n} or fewer"
+                            if n_splits > n else f"the number of folds must be >= 1, got {n_splits}")
         if not 0.0 <= test_missing_rate <= 1.0:
             raise ValueError(f"test_missing_rate must be in [0, 1], got {test_missing_rate}")
         rows = np.arange(n)
@@ -271,8 +277,9 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
         target_likelihood: override the target likelihood (inference only; with a schema declare it there).
 
     Raises:
-        DataError: ``df`` not a DataFrame, duplicated column names, target not a column (message lists the columns),
-            a column (or the target) entirely NaN, +/-inf anywhere, a constant column when inferring.
+        DataError: ``df`` not a DataFrame, no rows, no feature column besides the target, duplicated column
+            names, target not a column (message lists the columns), a column (or the target) entirely NaN, +/-inf
+            anywhere, a constant column when inferring.
         SchemaError: schema feature names that do not match the frame (names the missing and extra columns),
             a schema target that differs from ``target``, a non-numeric column declared gaussian / loggaussian /
             poisson, negative values in a loggaussian / poisson column, values outside declared categories.
@@ -286,6 +293,8 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
     if dup:
         raise DataError(f"duplicated column name(s): {dup}")
     df = df.reset_index(drop=True)
+    if len(df) == 0:
+        raise DataError(f"the table has no rows (only the header {list(df.columns)})")
     if isinstance(schema, Mapping):
         schema = TableSchema.from_dict(schema)
     elif schema is not None and not isinstance(schema, TableSchema):
@@ -303,6 +312,9 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
 
     feats = df.drop(columns=[target]) if target is not None else df
     tgt = df[target] if target is not None else None
+    if feats.shape[1] == 0:
+        raise DataError(f"the table has no feature columns besides the target {target!r}; a model needs at least one"
+                        if target is not None else "the table has no columns")
     for c in feats.columns:
         _check_finite_and_present(feats[c], "column")
     if tgt is not None:

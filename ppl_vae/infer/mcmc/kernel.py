@@ -95,19 +95,27 @@ class HMCKernel:
         divergence_threshold: energy error marking a divergence.
         compile: compile the transition.
         grad_fn: eager :data:`GradFn` to use instead of autograd on ``log_prob_fn``.
+        metropolis: take the Metropolis-Hastings decision (default). ``False`` accepts every non-divergent
+            proposal (unadjusted HMC): for tests that show the correction matters, never for inference.
+
+    Non-finite values anywhere in a trajectory (log density, gradient, position, energy) never raise: they mark
+    the transition divergent and the whole proposal is rejected. The log density itself must not raise on such
+    input (switch off argument validation inside it).
 
     Raises:
         ValueError: ``num_leapfrog < 1`` or neither ``log_prob_fn`` nor ``grad_fn``.
     """
 
     def __init__(self, log_prob_fn: Optional[LogProbFn] = None, num_leapfrog: int = 5,
-                 divergence_threshold: float = 1000.0, compile: bool = False, grad_fn: Optional[GradFn] = None):
+                 divergence_threshold: float = 1000.0, compile: bool = False, grad_fn: Optional[GradFn] = None,
+                 metropolis: bool = True):
         if num_leapfrog < 1:
             raise ValueError(f"num_leapfrog must be >= 1, got {num_leapfrog}")
         if log_prob_fn is None and grad_fn is None:
             raise ValueError("HMCKernel needs log_prob_fn or grad_fn")
         self.num_leapfrog = int(num_leapfrog)
         self.divergence_threshold = float(divergence_threshold)
+        self.metropolis = bool(metropolis)
         self.grad_fn = grad_fn if grad_fn is not None else _eager_value_and_grad(log_prob_fn)
         #: GradFn for the initial state (compiled too when ``compile``).
         self.value_and_grad = self.grad_fn
@@ -133,7 +141,7 @@ class HMCKernel:
         delta = h1 - h0
         finite = torch.isfinite(delta) & torch.isfinite(g1).all(-1) & torch.isfinite(prop).all(-1)
         diverging = ~finite | (delta > self.divergence_threshold)
-        accepted = (torch.log(u) < -delta) & ~diverging
+        accepted = ((torch.log(u) < -delta) & ~diverging) if self.metropolis else ~diverging
         accept_prob = torch.where(diverging, torch.zeros_like(delta), torch.exp(torch.clamp(-delta, max=0.0)))
         a = accepted.unsqueeze(-1)
         drift = num_leapfrog * xi
@@ -238,15 +246,22 @@ class HMCTrace:
     """Result of :func:`run_hmc`.
 
     Attributes:
-        position: ``(*chain_dims, dim)`` final state ``ε_T``, differentiable w.r.t. the step sizes, the inverse mass
-            and the initial position.
+        position: ``(*chain_dims, dim)`` final state ``ε_T``, differentiable w.r.t. the step sizes, the inverse mass,
+            the scale and the initial position.
         log_prob: ``(*chain_dims)`` ``log p*(ε_T)``, detached.
         grad: ``(*chain_dims, dim)`` ``∇ log p*(ε_T)``, detached.
         energy, accept_prob, diverging: ``(T, *chain_dims)`` per-transition statistics (see :class:`HMCInfo`).
-        step_size: ``(T, dim)`` step sizes used (detached).
+        step_size: ``(T, dim)`` step-size schedule used (detached); relative to :attr:`scale` when one was given.
         positions: ``(T+1, *chain_dims, dim)`` detached chain including the start, or ``None`` unless
             ``keep_chain=True``.
         initial_position: ``(*chain_dims, dim)`` ``ε_0`` (with its graph).
+        states: ``(T+1, *chain_dims, dim)`` the chain ``ε_0 … ε_T`` *with* its graph (each state differentiable
+            w.r.t. the step sizes like :attr:`position`); what mixing objectives such as
+            :func:`ppl_vae.infer.mcmc.tuning.expected_squared_change` differentiate.
+        accepted: ``(T, *chain_dims)`` bool Metropolis-Hastings decisions (the fraction of accepted proposals is
+            ``accepted.float().mean()``; :attr:`accept_prob` holds the acceptance probabilities).
+        scale: the per-dimension scale the step sizes were multiplied by (broadcastable to the position), or
+            ``None``.
     """
 
     position: torch.Tensor
@@ -258,6 +273,9 @@ class HMCTrace:
     step_size: torch.Tensor
     positions: Optional[torch.Tensor] = None
     initial_position: Optional[torch.Tensor] = None
+    states: Optional[torch.Tensor] = None
+    accepted: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
 
     @property
     def num_divergent(self) -> int:
@@ -268,6 +286,25 @@ class HMCTrace:
     def accept_rate(self) -> float:
         """Mean Metropolis-Hastings acceptance probability."""
         return float(self.accept_prob.mean()) if self.accept_prob.numel() else float("nan")
+
+    def select_chains(self, index) -> "HMCTrace":
+        """The trace restricted to some chains: ``index`` (a slice or an index tensor) applies to the
+        first chain dimension of every field (``position[index]``, ``accept_prob[:, index]``, ...). Graphs are kept.
+        A ``scale`` shaped like the position (``(*chain_dims, dim)``) is selected too; a broadcast one is kept."""
+
+        def per_chain(x):
+            return None if x is None else x[index]
+
+        def per_step(x):
+            return None if x is None else x[:, index]
+
+        scale = self.scale
+        if scale is not None and scale.shape == self.position.shape:
+            scale = scale[index]
+        return HMCTrace(per_chain(self.position), per_chain(self.log_prob), per_chain(self.grad), per_step(self.energy),
+                        per_step(self.accept_prob), per_step(self.diverging), self.step_size,
+                        per_step(self.positions), per_chain(self.initial_position), per_step(self.states),
+                        per_step(self.accepted), scale)
 
     def surrogate_log_prob(self) -> torch.Tensor:
         """``(*chain_dims)`` tensor equal to ``log p*(ε_T)`` in value whose gradient w.r.t. anything upstream of
@@ -288,8 +325,9 @@ def run_hmc(
     keep_chain: bool = False,
     grad_fn: Optional[GradFn] = None,
     kernel: Optional[HMCKernel] = None,
+    scale: Optional[torch.Tensor] = None,
 ) -> HMCTrace:
-    """Run ``T`` HMC transitions, transition ``t`` with step sizes ``step_sizes[t]``.
+    """Run ``T`` HMC transitions, transition ``t`` with step sizes ``step_sizes[t]`` (times ``scale`` if given).
 
     Args:
         log_prob_fn: unnormalised log density ``(*chain_dims, dim) -> (*chain_dims)``; may be ``None`` if
@@ -304,9 +342,15 @@ def run_hmc(
         keep_chain: also return the detached ``(T+1, *chain_dims, dim)`` chain.
         grad_fn: pre-built :data:`GradFn` (e.g. from :func:`value_and_grad_fn` with ``compile=True``).
         kernel: pre-built :class:`HMCKernel` (e.g. compiled); its ``num_leapfrog`` must match.
+        scale: optional positive per-dimension scale ``s`` broadcastable to the position, e.g. ``(dim,)`` or, for a
+            per-datapoint scale such as an encoder's σ, ``(batch, dim)``; transition ``t`` then uses the absolute step
+            sizes ``step_sizes[t] ⊙ s``. This is exactly leapfrog with the diagonal mass matrix ``M = diag(s)^-2``
+            (Neal 2011, §4.1: a diagonal mass is a per-coordinate rescaling; with ``r = p / s`` the two integrators
+            coincide step by step and have the same energy), i.e. HMC in the whitened coordinates ``ε / s`` with the
+            dimensionless step sizes ``step_sizes[t]``. May carry a graph (the closed form differentiates it).
 
     Returns:
-        an :class:`HMCTrace`.
+        an :class:`HMCTrace`; ``trace.states`` keeps every state's graph.
 
     Raises:
         ValueError: ``step_sizes`` is not ``(T, dim)`` matching the position, or ``num_leapfrog < 1``, or neither
@@ -332,29 +376,57 @@ def run_hmc(
         raise ValueError(f"inverse_mass must be ({dim},) or {tuple(step_sizes.shape)}, got {tuple(inverse_mass.shape)}")
 
     lp0, g0 = grad_fn(init_position.detach())
-    state = HMCState(init_position, lp0, g0)
-    chain = [init_position.detach()] if keep_chain else None
-    energies, probs, divs = [], [], []
+    # Detached simulation: the kernel runs every transition without autograd; the differentiable chain is rebuilt
+    # afterwards from the closed form of each accepted jump (see hmc_step), all T transitions in a few batched ops:
+    # ε_t = ε_0 + Σ_{k≤t} [accepted_k] (φ_k ⊙ (L M_k^{-1/2} ξ_k + φ_k ⊙ M_k⁻¹ A_k) + rounding gap_k).
+    per_step_view = (num_steps,) + (1,) * (init_position.dim() - 1) + (dim,)
+    abs_steps = step_sizes.reshape(per_step_view)
+    if scale is not None:
+        abs_steps = abs_steps * scale
+    abs_detached = abs_steps.detach()
+    inv_m_detached = None if inverse_mass is None else inverse_mass.detach()
+    position, log_prob, grad = init_position.detach(), lp0, g0
+    shape, dtype, device = init_position.shape, init_position.dtype, init_position.device
+    outs = []
     for t in range(num_steps):
-        inv_m = inverse_mass[t] if per_step_mass else inverse_mass
-        state, info = hmc_step(state, step_sizes[t], num_leapfrog, None, inv_m, generator, divergence_threshold,
-                               kernel=kernel)
-        energies.append(info.energy)
-        probs.append(info.accept_prob)
-        divs.append(info.diverging)
-        if keep_chain:
-            chain.append(state.position.detach())
-    empty = init_position.new_zeros((0,) + init_position.shape[:-1])
+        inv_m = None if inv_m_detached is None else (inv_m_detached[t] if per_step_mass else inv_m_detached)
+        xi = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        u = torch.rand(shape[:-1], generator=generator, dtype=dtype, device=device)
+        out = kernel(position, log_prob, grad, xi, u, abs_detached[t], inv_m)
+        position, log_prob, grad = out.position, out.log_prob, out.grad
+        outs.append(out)
+    if num_steps == 0:
+        empty = init_position.new_zeros((0,) + init_position.shape[:-1])
+        return HMCTrace(init_position, lp0, g0, empty, empty, empty.bool(), step_sizes.detach(),
+                        init_position.detach().unsqueeze(0) if keep_chain else None, init_position,
+                        init_position.unsqueeze(0), empty.bool(), scale)
+    detached_chain = torch.stack([init_position.detach()] + [o.position for o in outs])
+    live = torch.is_grad_enabled() and (init_position.requires_grad or abs_steps.requires_grad
+                                        or (inverse_mass is not None and inverse_mass.requires_grad))
+    if live:
+        drift = torch.stack([o.drift for o in outs])
+        curv = torch.stack([o.curvature for o in outs])
+        corr = torch.stack([o.correction for o in outs])
+        if inverse_mass is not None:
+            inv_m = inverse_mass.reshape(per_step_view) if per_step_mass else inverse_mass
+            drift, curv = drift * torch.sqrt(inv_m), curv * inv_m
+        jumps = abs_steps * (drift + abs_steps * curv) + corr
+        states = torch.cat([init_position.unsqueeze(0), init_position + torch.cumsum(jumps, 0)])
+    else:
+        states = detached_chain
     return HMCTrace(
-        position=state.position,
-        log_prob=state.log_prob,
-        grad=state.grad,
-        energy=torch.stack(energies) if energies else empty,
-        accept_prob=torch.stack(probs) if probs else empty,
-        diverging=torch.stack(divs) if divs else empty.bool(),
+        position=states[-1],
+        log_prob=log_prob,
+        grad=grad,
+        energy=torch.stack([o.energy for o in outs]),
+        accept_prob=torch.stack([o.accept_prob for o in outs]),
+        diverging=torch.stack([o.diverging for o in outs]),
         step_size=step_sizes.detach(),
-        positions=torch.stack(chain) if keep_chain else None,
+        positions=detached_chain if keep_chain else None,
         initial_position=init_position,
+        states=states,
+        accepted=torch.stack([o.accepted for o in outs]),
+        scale=scale,
     )
 
 

@@ -14,82 +14,84 @@ The encoder/decoder are the ones every image model shares (:mod:`ppl_vae.models.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
-                                  pixel_likelihood)
+from ppl_vae.models.base import Batch
+from ppl_vae.models.image.image import ImageModel, ImageModelConfig, LocalImageLatent
 from ppl_vae.nn import GaussianHead
 
-__all__ = ["BetaVAE"]
+__all__ = ["BetaVAE", "BetaVAEConfig"]
 
 
-class BetaVAE(LocalImageLatent, LatentVariableModel):
+@dataclass
+class BetaVAEConfig(ImageModelConfig):
+    """Options of :class:`BetaVAE`.
+
+    Attributes:
+        dim_z: latent size (10).
+        beta_kl: KL weight ``> 0`` (1 = VAE; Higgins et al. 2017, eq. 4).
+        x_dim, arch, likelihood, hidden, pixel_scale: see :class:`~ppl_vae.models.image.image.ImageModelConfig`.
+    """
+
+    dim_z: int = 10
+    beta_kl: float = 1.0
+
+
+class BetaVAE(LocalImageLatent, ImageModel):
     """Image β-VAE: one Gaussian latent per datapoint with a KL weight ``beta_kl`` (Higgins et al. 2017, eq. 4).
 
     Args:
-        x_dim: features per datapoint (784 for 28x28 images).
-        dim_z: latent size.
-        beta_kl: KL weight ``> 0`` (1 = VAE).
-        arch, likelihood, hidden, pixel_scale: as in :class:`ppl_vae.models.image.ugvae.UGVAE`.
+        config: a :class:`BetaVAEConfig` (or a dict of its options), or ``None`` for the defaults.
+        **options: fields of :class:`BetaVAEConfig`, overriding ``config``: ``x_dim`` (784), ``dim_z`` (10),
+            ``beta_kl`` (1.0), and ``arch``, ``likelihood``, ``hidden``, ``pixel_scale`` as in
+            :class:`ppl_vae.models.image.ugvae.UGVAE`.
 
     Pyro sites in ``plate("data", B)``: ``z`` (event ``(dim_z,)``, scaled by ``beta_kl``), ``x`` (observed).
 
     Raises:
-        ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``. ValueError: ``beta_kl <= 0`` or
-        non-positive sizes.
+        TypeError: an unknown option, named. ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``.
+        ValueError: ``beta_kl <= 0`` or non-positive sizes.
     """
 
     name = "beta-vae"
+    Config = BetaVAEConfig
 
-    def __init__(self, x_dim: int = 784, dim_z: int = 10, beta_kl: float = 1.0, arch: str = "mlp",
-                 likelihood: str = "bernoulli", hidden: int = 256, pixel_scale: Optional[float] = None):
-        super().__init__(x_dim=x_dim, dim_z=dim_z, beta_kl=beta_kl, arch=arch, likelihood=likelihood,
-                         hidden=hidden, pixel_scale=pixel_scale)
-        check_arch(arch, likelihood, x_dim)
-        if not beta_kl > 0:
-            raise ValueError(f"beta_kl must be > 0 (poutine.scale needs a positive scale), got {beta_kl}")
-        if min(dim_z, hidden) <= 0:
-            raise ValueError("dim_z and hidden must be positive")
-        self.x_dim, self.dim_z, self.beta_kl, self.likelihood = x_dim, dim_z, float(beta_kl), likelihood
-        self.encoder = build_image_encoder(arch, x_dim, hidden)
-        self.z_head = GaussianHead(hidden, dim_z)
-        self.decoder = build_image_decoder(arch, dim_z, x_dim, hidden)
-        self.pixel_scale = PixelScale(x_dim, pixel_scale) if likelihood == "gaussian" else None
+    def __init__(self, config: Optional[BetaVAEConfig] = None, **options: Any):
+        super().__init__(config, **options)
+        self.dim_z, self.beta_kl = self.cfg.dim_z, float(self.cfg.beta_kl)
+        self.z_head = GaussianHead(self.cfg.hidden, self.dim_z)
+        self.decoder = self.build_decoder(self.dim_z)
+
+    def validate(self, cfg: BetaVAEConfig) -> None:
+        """Raises ValueError unless ``beta_kl > 0``."""
+        if not cfg.beta_kl > 0:
+            raise ValueError(f"beta_kl must be > 0 (poutine.scale needs a positive scale), got {cfg.beta_kl}")
 
     def model(self, batch: Batch) -> None:
         """p(x, z) for every row of ``batch.x (B, x_dim)``; the prior term is scaled by ``beta_kl``."""
-        pyro.module("betavae", self)
-        dev = batch.x.device
-        with pyro.plate("data", batch.size, device=dev):
+        pyro.module(self.pyro_name, self)
+        with pyro.plate("data", batch.size, device=batch.x.device):
             with poutine.scale(scale=self.beta_kl):
                 z = pyro.sample("z", dist.Normal(batch.x.new_zeros(self.dim_z), 1.0).to_event(1))
-            sc = self.pixel_scale() if self.pixel_scale is not None else None
-            pyro.sample("x", pixel_likelihood(self.decoder(z), batch.x_mask, self.likelihood, sc), obs=batch.x)
+            pyro.sample("x", self.pixel_distribution(self.decoder(z), batch.x_mask), obs=batch.x)
 
     def guide(self, batch: Batch) -> None:
         """q(z | x), its log-density scaled by ``beta_kl``."""
-        pyro.module("betavae", self)
+        pyro.module(self.pyro_name, self)
         loc, scale = self.z_head(self.encoder(batch.x))
         with pyro.plate("data", batch.size, device=batch.x.device), poutine.scale(scale=self.beta_kl):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
-        """One ``Trace_ELBO`` stage."""
-        import pyro.infer
-
-        return [TrainingStage("elbo", self.model, self.guide, pyro.infer.Trace_ELBO(), steps, lr)]
 
     @torch.no_grad()
     def sample(self, num_batches: int, batch_size: int, generator: Optional[torch.Generator] = None,
                device: Optional[torch.device] = None) -> torch.Tensor:
         """Mean images of ``z ~ N(0, I)``. Shapes: ``-> (num_batches, batch_size, x_dim)``."""
-        device = device or next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
+        device, dtype = self._device_dtype(device)
         z = torch.randn(num_batches, batch_size, self.dim_z, generator=generator, device=device, dtype=dtype)
         return self.generate(z)

@@ -16,7 +16,8 @@ beta (Dilokthanakul et al.'s extra per-point latent ``w`` is omitted; state this
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -24,51 +25,59 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image.image import (LocalImageLatent, PixelScale, build_image_decoder, build_image_encoder, check_arch,
-                                  pixel_likelihood)
+from ppl_vae.models.base import Batch
+from ppl_vae.models.image.image import ImageModel, ImageModelConfig, LocalImageLatent
 from ppl_vae.nn import MLP, GaussianHead
 
-__all__ = ["GMVAE"]
+__all__ = ["GMVAE", "GMVAEConfig"]
 
 
-class GMVAE(LocalImageLatent, LatentVariableModel):
+@dataclass
+class GMVAEConfig(ImageModelConfig):
+    """Options of :class:`GMVAE`.
+
+    Attributes:
+        dim_z: latent size (10).
+        num_components: K mixture components (10).
+        x_dim, arch, likelihood, hidden, pixel_scale: see :class:`~ppl_vae.models.image.image.ImageModelConfig`.
+    """
+
+    dim_z: int = 10
+    num_components: int = 10
+
+
+class GMVAE(LocalImageLatent, ImageModel):
     """Gaussian-mixture-prior VAE with an enumerated component (Dilokthanakul et al. 2016, simplified; the GMVAE
     baseline of the UG-VAE paper).
 
     Args:
-        x_dim: features per datapoint (784 for 28x28 images).
-        dim_z: latent size.
-        num_components: K mixture components.
-        arch: ``"mlp"`` or ``"conv"`` (see :mod:`ppl_vae.models.image.image`).
-        likelihood: ``"bernoulli"`` or ``"gaussian"``.
-        hidden: hidden width.
-        pixel_scale: fixed Gaussian scale, or ``None`` to learn it (Gaussian likelihood only).
+        config: a :class:`GMVAEConfig` (or a dict of its options), or ``None`` for the defaults.
+        **options: fields of :class:`GMVAEConfig`, overriding ``config``: ``x_dim`` (784), ``dim_z`` (10),
+            ``num_components`` (K = 10), ``arch`` (``"mlp"`` or ``"conv"``, see :mod:`ppl_vae.models.image.image`),
+            ``likelihood`` (``"bernoulli"`` or ``"gaussian"``), ``hidden`` (256), ``pixel_scale`` (fixed Gaussian
+            scale, or ``None`` to learn it; Gaussian likelihood only).
 
     Pyro sites in ``plate("data", B)``: ``d`` (enumerated), ``z`` (event ``(dim_z,)``), ``x`` (observed).
 
     Raises:
-        ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``. ValueError: non-positive sizes.
+        TypeError: an unknown option, named. ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``.
+        ValueError: non-positive sizes.
     """
 
     name = "gmvae"
+    Config = GMVAEConfig
+    enumerated = True
 
-    def __init__(self, x_dim: int = 784, dim_z: int = 10, num_components: int = 10, arch: str = "mlp",
-                 likelihood: str = "bernoulli", hidden: int = 256, pixel_scale: Optional[float] = None):
-        super().__init__(x_dim=x_dim, dim_z=dim_z, num_components=num_components, arch=arch,
-                         likelihood=likelihood, hidden=hidden, pixel_scale=pixel_scale)
-        check_arch(arch, likelihood, x_dim)
-        if min(dim_z, num_components, hidden) <= 0:
-            raise ValueError("dim_z, num_components and hidden must be positive")
-        self.x_dim, self.dim_z, self.num_components, self.likelihood = x_dim, dim_z, num_components, likelihood
-        self.encoder = build_image_encoder(arch, x_dim, hidden)
-        self.z_head = GaussianHead(hidden, dim_z)
-        self.d_net = MLP(dim_z, [hidden], num_components, activation="tanh")
+    def __init__(self, config: Optional[GMVAEConfig] = None, **options: Any):
+        super().__init__(config, **options)
+        cfg = self.cfg
+        self.dim_z, self.num_components = cfg.dim_z, cfg.num_components
+        self.z_head = GaussianHead(cfg.hidden, cfg.dim_z)
+        self.d_net = MLP(cfg.dim_z, [cfg.hidden], cfg.num_components, activation="tanh")
         # spread the initial component means so that the components are distinguishable from the start
-        self.component_loc = nn.Parameter(torch.randn(num_components, dim_z))
-        self.component_raw_scale = nn.Parameter(torch.zeros(num_components, dim_z))
-        self.decoder = build_image_decoder(arch, dim_z, x_dim, hidden)
-        self.pixel_scale = PixelScale(x_dim, pixel_scale) if likelihood == "gaussian" else None
+        self.component_loc = nn.Parameter(torch.randn(cfg.num_components, cfg.dim_z))
+        self.component_raw_scale = nn.Parameter(torch.zeros(cfg.num_components, cfg.dim_z))
+        self.decoder = self.build_decoder(cfg.dim_z)
 
     def component_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of the K prior components, each ``(K, dim_z)``; ``scale = softplus(raw) + 1e-3``."""
@@ -76,31 +85,21 @@ class GMVAE(LocalImageLatent, LatentVariableModel):
 
     def model(self, batch: Batch) -> None:
         """p(x, z, d) = p(x | z) p(z | d) Cat(d; 1/K) for every row of ``batch.x (B, x_dim)``."""
-        pyro.module("gmvae", self)
-        dev = batch.x.device
+        pyro.module(self.pyro_name, self)
         loc, scale = self.component_params()
-        with pyro.plate("data", batch.size, device=dev):
+        with pyro.plate("data", batch.size, device=batch.x.device):
             d = pyro.sample("d", dist.Categorical(logits=batch.x.new_zeros(self.num_components)),
                             infer={"enumerate": "parallel"})
             z = pyro.sample("z", dist.Normal(loc[d], scale[d]).to_event(1))
-            out = self.decoder(z)
-            sc = self.pixel_scale() if self.pixel_scale is not None else None
-            pyro.sample("x", pixel_likelihood(out, batch.x_mask, self.likelihood, sc), obs=batch.x)
+            pyro.sample("x", self.pixel_distribution(self.decoder(z), batch.x_mask), obs=batch.x)
 
     def guide(self, batch: Batch) -> None:
         """q(z | x) q(d | z), ``d`` enumerated under q(d | z)."""
-        pyro.module("gmvae", self)
+        pyro.module(self.pyro_name, self)
         loc, scale = self.z_head(self.encoder(batch.x))
         with pyro.plate("data", batch.size, device=batch.x.device):
             z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
             pyro.sample("d", dist.Categorical(logits=self.d_net(z)), infer={"enumerate": "parallel"})
-
-    def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
-        """One ``TraceEnum_ELBO(max_plate_nesting=1)`` stage."""
-        import pyro.infer
-
-        return [TrainingStage("elbo", self.model, self.guide, pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
-                              steps, lr)]
 
     @torch.no_grad()
     def sample(self, num_batches: int, batch_size: int, generator: Optional[torch.Generator] = None,

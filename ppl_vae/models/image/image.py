@@ -1,4 +1,5 @@
-"""Shared pieces of the image models (UG-VAE, ML-VAE, GMVAE, β-VAE): encoder/decoder builders and the pixel
+"""Shared pieces of the image models (UG-VAE, ML-VAE, GMVAE, β-VAE): the typed options every family shares
+(:class:`ImageModelConfig`), the common base class (:class:`ImageModel`), encoder/decoder builders and the pixel
 likelihood.
 
 Every image model in :mod:`ppl_vae.models` reads flattened images ``x`` of shape ``(batch, 784)`` in ``[0, 1]``
@@ -12,20 +13,27 @@ networks for every family so that the families differ only in their latent struc
 The likelihood is Bernoulli on the pixels (``likelihood="bernoulli"``; targets may be binary or continuous in
 ``[0, 1]``: ``log p = -BCE(logits, x)``, the continuous relaxation used by the UG-VAE/ML-VAE image code) or a
 diagonal Gaussian (``likelihood="gaussian"``, for vector data; fixed or learned scale).
+
+Each family declares a ``Config`` dataclass (a subclass of :class:`ImageModelConfig`) and is built either from
+keyword options (``UGVAE(dim_z=4)``) or from a config object (``UGVAE(UGVAE.Config(dim_z=4))``); an unknown option
+raises ``TypeError`` naming it (:func:`ppl_vae.models.config.resolve_config`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Optional
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ppl_vae.models.base import LatentVariableModel, TrainingStage
+from ppl_vae.models.config import ModelConfig, resolve_config
 from ppl_vae.nn import MLP, ConvDecoder28, ConvEncoder28
 
-__all__ = ["ARCHS", "LIKELIHOODS", "LocalImageLatent", "build_image_encoder", "build_image_decoder", "pixel_likelihood",
-           "PixelScale", "check_arch", "mean_image"]
+__all__ = ["ARCHS", "LIKELIHOODS", "ImageModelConfig", "ImageModel", "LocalImageLatent", "build_image_encoder",
+           "build_image_decoder", "pixel_likelihood", "PixelScale", "check_arch", "mean_image"]
 
 #: Network architectures understood by :func:`build_image_encoder` / :func:`build_image_decoder`.
 ARCHS = ("mlp", "conv")
@@ -122,6 +130,7 @@ class PixelScale(nn.Module):
             self.register_buffer("value", torch.full((x_dim,), float(scale)))   # follows .to(device / dtype)
 
     def forward(self) -> torch.Tensor:
+        """The per-feature scales. Shapes: ``-> (x_dim,)``, positive."""
         if self.raw is None:
             return self.value
         return F.softplus(self.raw) + 1e-3
@@ -184,3 +193,97 @@ class LocalImageLatent:
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         """Mean image of p(x | z). Shapes: ``(..., dim_z) -> (..., x_dim)``."""
         return mean_image(self.decoder(z), self.likelihood)
+
+
+@dataclass
+class ImageModelConfig(ModelConfig):
+    """Options every image model shares (the family configs add their latent sizes).
+
+    Attributes:
+        x_dim: features per datapoint (784 for 28x28 images).
+        arch: ``"mlp"`` or ``"conv"`` (see :func:`build_image_encoder`).
+        likelihood: ``"bernoulli"`` or ``"gaussian"`` (see :func:`pixel_likelihood`).
+        hidden: hidden width of the shared networks.
+        pixel_scale: fixed Gaussian scale, or ``None`` to learn it (Gaussian likelihood only).
+    """
+
+    x_dim: int = 784
+    arch: str = "mlp"
+    likelihood: str = "bernoulli"
+    hidden: int = 256
+    pixel_scale: Optional[float] = None
+
+
+class ImageModel(LatentVariableModel):
+    """Base of the image model families: typed config, validation, the shared pre-encoder, the pixel likelihood
+    and the single-stage SVI schedule.
+
+    Subclasses set ``name``, ``Config`` (their :class:`ImageModelConfig` subclass; every ``int`` option is a size
+    that must be ``> 0``) and ``enumerated`` (train with ``TraceEnum_ELBO(max_plate_nesting=1)`` instead of
+    ``Trace_ELBO``), and build their own networks after ``super().__init__`` (which builds ``self.encoder`` first,
+    so the seeded initialisation order is encoder, then the family's networks).
+
+    Args:
+        config: a ``Config`` object, a plain dict of options, or ``None``.
+        **options: options (fields of ``Config``); they override ``config``.
+
+    Attributes:
+        cfg: the typed config; ``config`` is its plain dict (``type(model)(**model.config)`` rebuilds the model).
+
+    Raises:
+        TypeError: an unknown option (named, with the closest valid one) or a config of another family.
+        ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``.
+        ValueError: a non-positive size, conv with ``x_dim != 784``, or a family-specific bad value.
+    """
+
+    name = "image"
+    Config: ClassVar[type[ImageModelConfig]] = ImageModelConfig
+    enumerated: ClassVar[bool] = False
+
+    def __init__(self, config: Optional[ImageModelConfig] = None, **options: Any):
+        cfg = resolve_config(self.Config, config, options, type(self).__name__)
+        super().__init__(**cfg.to_dict())
+        check_arch(cfg.arch, cfg.likelihood, cfg.x_dim)
+        for name in self.size_options():
+            if not getattr(cfg, name) > 0:
+                raise ValueError(f"{type(self).__name__}: {name} must be positive, got {getattr(cfg, name)}")
+        self.validate(cfg)
+        self.cfg = cfg
+        self.x_dim, self.likelihood = cfg.x_dim, cfg.likelihood
+        self.encoder = build_image_encoder(cfg.arch, cfg.x_dim, cfg.hidden)      # h(x): (B, x_dim) -> (B, hidden)
+        self.pixel_scale = PixelScale(cfg.x_dim, cfg.pixel_scale) if cfg.likelihood == "gaussian" else None
+
+    @classmethod
+    def size_options(cls) -> list[str]:
+        """The ``int`` options of ``Config`` (sizes such as ``hidden``, ``dim_z``), each required to be ``> 0``."""
+        return [f.name for f in fields(cls.Config) if f.type in (int, "int")]
+
+    @property
+    def pyro_name(self) -> str:
+        """The ``pyro.module`` name of the model's networks: ``name`` without dashes (``"ug-vae"`` -> ``"ugvae"``)."""
+        return self.name.replace("-", "")
+
+    def validate(self, cfg: ImageModelConfig) -> None:
+        """Family-specific checks beyond sizes and architecture (none here). Raises on a bad option."""
+
+    def build_decoder(self, latent_dim: int) -> nn.Module:
+        """The shared decoder from a ``latent_dim`` code (:func:`build_image_decoder` with this model's options)."""
+        return build_image_decoder(self.cfg.arch, latent_dim, self.cfg.x_dim, self.cfg.hidden)
+
+    def pixel_distribution(self, out: torch.Tensor, x_mask: Optional[torch.Tensor]) -> dist.TorchDistribution:
+        """:func:`pixel_likelihood` of decoder output ``out (..., x_dim)`` with this model's likelihood and scale."""
+        scale = self.pixel_scale() if self.pixel_scale is not None else None
+        return pixel_likelihood(out, x_mask, self.likelihood, scale)
+
+    def _device_dtype(self, device: Optional[torch.device]) -> tuple[torch.device, torch.dtype]:
+        """``device`` (default: the parameters') and the parameters' dtype, for drawing prior samples."""
+        p = next(self.parameters())
+        return device or p.device, p.dtype
+
+    def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
+        """One ELBO stage: ``TraceEnum_ELBO(max_plate_nesting=1)`` when ``enumerated`` (a discrete site summed out
+        exactly), else ``Trace_ELBO``; Adam lr 5e-3 as in the UG-VAE reference code (Peis et al. 2023)."""
+        import pyro.infer
+
+        loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1) if self.enumerated else pyro.infer.Trace_ELBO()
+        return [TrainingStage("elbo", self.model, self.guide, loss, steps, lr)]

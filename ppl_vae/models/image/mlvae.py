@@ -17,19 +17,19 @@ Loss: :class:`pyro.infer.Trace_ELBO` — the content KL is counted once per grou
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
 
-from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
-                                  pixel_likelihood)
+from ppl_vae.models.base import Batch
+from ppl_vae.models.image.image import ImageModel, ImageModelConfig, mean_image
 from ppl_vae.models.image.ugvae import concat_global, product_of_gaussian_experts
 from ppl_vae.nn import GaussianHead
 
-__all__ = ["MLVAE", "group_index"]
+__all__ = ["MLVAE", "MLVAEConfig", "group_index"]
 
 
 def group_index(batch: Batch) -> tuple[torch.Tensor, int]:
@@ -49,40 +49,50 @@ def group_index(batch: Batch) -> tuple[torch.Tensor, int]:
     return inverse.to(batch.x.device), int(uniq.numel())
 
 
-class MLVAE(LatentVariableModel):
+@dataclass
+class MLVAEConfig(ImageModelConfig):
+    """Options of :class:`MLVAE`.
+
+    Attributes:
+        dim_style: per-point latent size (10, like UG-VAE's ``dim_z``).
+        dim_content: group latent size (20, like UG-VAE's ``dim_beta``).
+        prior_expert: include the N(0, I) prior expert in the group product (``True``; Bouchacourt et al.'s
+            eq. 6 has none: ``False``).
+        x_dim, arch, likelihood, hidden, pixel_scale: see :class:`~ppl_vae.models.image.image.ImageModelConfig`.
+    """
+
+    dim_style: int = 10
+    dim_content: int = 20
+    prior_expert: bool = True
+
+
+class MLVAE(ImageModel):
     """Multi-Level VAE (Bouchacourt et al. 2018) with a content latent per group and a style latent per point.
 
     Args:
-        x_dim: features per datapoint.
-        dim_style: per-point latent size (default 10, like UG-VAE's ``dim_z``).
-        dim_content: group latent size (default 20, like UG-VAE's ``dim_beta``).
-        arch, likelihood, hidden, pixel_scale: as in :class:`ppl_vae.models.image.ugvae.UGVAE`.
-        prior_expert: include the N(0, I) prior expert in the group product (default ``True``).
+        config: a :class:`MLVAEConfig` (or a dict of its options), or ``None`` for the defaults.
+        **options: fields of :class:`MLVAEConfig`, overriding ``config``: ``x_dim`` (784), ``dim_style`` (10),
+            ``dim_content`` (20), ``prior_expert`` (``True``), and ``arch``, ``likelihood``, ``hidden``,
+            ``pixel_scale`` as in :class:`ppl_vae.models.image.ugvae.UGVAE`.
 
     Pyro sites: in ``plate("groups", G)``: ``content`` (event ``(dim_content,)``); in ``plate("data", B)``:
     ``style`` (event ``(dim_style,)``) and ``x`` (observed).
 
     Raises:
-        ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``. ValueError: non-positive sizes.
+        TypeError: an unknown option, named. ppl_vae.errors.UnknownNameError: unknown ``arch`` / ``likelihood``.
+        ValueError: non-positive sizes.
     """
 
     name = "ml-vae"
+    Config = MLVAEConfig
 
-    def __init__(self, x_dim: int = 784, dim_style: int = 10, dim_content: int = 20, arch: str = "mlp",
-                 likelihood: str = "bernoulli", hidden: int = 256, pixel_scale: Optional[float] = None,
-                 prior_expert: bool = True):
-        super().__init__(x_dim=x_dim, dim_style=dim_style, dim_content=dim_content, arch=arch,
-                         likelihood=likelihood, hidden=hidden, pixel_scale=pixel_scale, prior_expert=prior_expert)
-        check_arch(arch, likelihood, x_dim)
-        if min(dim_style, dim_content, hidden) <= 0:
-            raise ValueError("dim_style, dim_content and hidden must be positive")
-        self.x_dim, self.dim_style, self.dim_content = x_dim, dim_style, dim_content
-        self.likelihood, self.prior_expert = likelihood, prior_expert
-        self.encoder = build_image_encoder(arch, x_dim, hidden)
-        self.style_head = GaussianHead(hidden, dim_style)
-        self.content_head = GaussianHead(hidden, dim_content)
-        self.decoder = build_image_decoder(arch, dim_style + dim_content, x_dim, hidden)
-        self.pixel_scale = PixelScale(x_dim, pixel_scale) if likelihood == "gaussian" else None
+    def __init__(self, config: Optional[MLVAEConfig] = None, **options: Any):
+        super().__init__(config, **options)
+        cfg = self.cfg
+        self.dim_style, self.dim_content, self.prior_expert = cfg.dim_style, cfg.dim_content, cfg.prior_expert
+        self.style_head = GaussianHead(cfg.hidden, cfg.dim_style)
+        self.content_head = GaussianHead(cfg.hidden, cfg.dim_content)
+        self.decoder = self.build_decoder(cfg.dim_style + cfg.dim_content)
 
     def content_posterior(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q(c_g | X_g) for every group of the batch (product of the members' experts).
@@ -98,20 +108,19 @@ class MLVAE(LatentVariableModel):
 
     def model(self, batch: Batch) -> None:
         """p(X, S, C) = prod_g p(c_g) prod_i p(s_i) p(x_i | s_i, c_{g(i)})."""
-        pyro.module("mlvae", self)
+        pyro.module(self.pyro_name, self)
         dev = batch.x.device
         idx, num_groups = group_index(batch)
         with pyro.plate("groups", num_groups, device=dev):
             c = pyro.sample("content", dist.Normal(batch.x.new_zeros(self.dim_content), 1.0).to_event(1))
         with pyro.plate("data", batch.size, device=dev):
             s = pyro.sample("style", dist.Normal(batch.x.new_zeros(self.dim_style), 1.0).to_event(1))
-            out = self.decoder(torch.cat([s, c[idx]], dim=-1))
-            sc = self.pixel_scale() if self.pixel_scale is not None else None
-            pyro.sample("x", pixel_likelihood(out, batch.x_mask, self.likelihood, sc), obs=batch.x)
+            pyro.sample("x", self.pixel_distribution(self.decoder(torch.cat([s, c[idx]], dim=-1)), batch.x_mask),
+                        obs=batch.x)
 
     def guide(self, batch: Batch) -> None:
         """q(S | X) q(C | X): per-point style posterior and per-group product-of-experts content posterior."""
-        pyro.module("mlvae", self)
+        pyro.module(self.pyro_name, self)
         dev = batch.x.device
         h = self.encoder(batch.x)
         s_loc, s_scale = self.style_head(h)
@@ -120,12 +129,6 @@ class MLVAE(LatentVariableModel):
             pyro.sample("content", dist.Normal(c_loc, c_scale).to_event(1))
         with pyro.plate("data", batch.size, device=dev):
             pyro.sample("style", dist.Normal(s_loc, s_scale).to_event(1))
-
-    def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
-        """One ``Trace_ELBO`` stage."""
-        import pyro.infer
-
-        return [TrainingStage("elbo", self.model, self.guide, pyro.infer.Trace_ELBO(), steps, lr)]
 
     @torch.no_grad()
     def encode_local(self, batch: Batch) -> torch.Tensor:
@@ -151,8 +154,7 @@ class MLVAE(LatentVariableModel):
 
         Shapes: ``-> (num_batches, batch_size, x_dim)``.
         """
-        device = device or next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
+        device, dtype = self._device_dtype(device)
         c = torch.randn(num_batches, 1, self.dim_content, generator=generator, device=device, dtype=dtype)
         s = torch.randn(num_batches, batch_size, self.dim_style, generator=generator, device=device, dtype=dtype)
         return self.generate(s, c)

@@ -1,7 +1,7 @@
 """UG-VAE: the Unsupervised Global VAE (Peis, Olmos, Artés-Rodríguez, *Pattern Recognition* 134, 109130, 2023;
-thesis ch. 3, seed 000), declared as a Pyro program.
+"Unsupervised learning of global factors in deep generative models"), declared as a Pyro program.
 
-Generative model of one batch ``X = {x_1..x_B}`` (METHODS §10)::
+Generative model of one batch ``X = {x_1..x_B}`` (Peis et al. 2023, the UG-VAE generative model)::
 
     beta            ~ N(0, I)                                   one global latent per batch, outside the data plate
     for i in plate("data", B):
@@ -22,7 +22,7 @@ Inference model ``q(Z, d, beta | X) = q(Z | X) q(d | Z) q(beta | X, Z)``:
 
 Objective (``enumerate_d="guide"``, default). The guide declares ``d_i ~ q(d_i | z_i)`` with
 ``infer={"enumerate": "parallel"}``; :class:`pyro.infer.TraceEnum_ELBO` then sums over ``d_i`` exactly under
-``q(d_i | z_i)``, so the per-batch ELBO is METHODS §10's::
+``q(d_i | z_i)``, so the per-batch ELBO is the paper's (Peis et al. 2023, UG-VAE ELBO)::
 
     E_q[log p(X | Z, beta)] - sum_i KL(q(d_i|z_i) || Cat(1/K))
       - sum_i E_q(z_i) [ log q(z_i|x_i) - sum_k pi_k(z_i) log p(z_i | d_i=k, beta) ] - KL(q(beta|X,Z) || p(beta))
@@ -38,7 +38,8 @@ then trained only through its role as an input of the global encoder).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -46,12 +47,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
-from ppl_vae.models.image.image import (PixelScale, build_image_decoder, build_image_encoder, check_arch, mean_image,
-                                  pixel_likelihood)
+from ppl_vae.models.base import Batch
+from ppl_vae.models.image.image import ImageModel, ImageModelConfig, mean_image
 from ppl_vae.nn import MLP, ColumnwiseMLP, GaussianHead
 
-__all__ = ["UGVAE", "product_of_gaussian_experts", "concat_global"]
+__all__ = ["UGVAE", "UGVAEConfig", "product_of_gaussian_experts", "concat_global"]
 
 _ENUMERATE = ("guide", "model")
 
@@ -64,7 +64,7 @@ def product_of_gaussian_experts(loc: torch.Tensor, scale: torch.Tensor, prior_pr
 
     ``Lambda = prior_precision + sum_i w_i Lambda_i`` with ``Lambda_i = scale_i^-2``, and
     ``mu = Lambda^-1 sum_i w_i Lambda_i mu_i`` (the optional prior expert is ``N(0, prior_precision^-1 I)``, so it
-    adds precision but no mean). Used by UG-VAE's global encoder q(beta | X, Z) (thesis eq. for mu_beta,
+    adds precision but no mean). Used by UG-VAE's global encoder q(beta | X, Z) (Peis et al. 2023, mu_beta and
     Lambda_beta) and by ML-VAE's group-evidence accumulation (Bouchacourt et al. 2018, eq. 6).
 
     Args:
@@ -118,58 +118,73 @@ def concat_global(local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
     return torch.cat([local.expand(*lead, local.shape[-1]), glob.expand(*lead, glob.shape[-1])], dim=-1)
 
 
-class UGVAE(LatentVariableModel):
+@dataclass
+class UGVAEConfig(ImageModelConfig):
+    """Options of :class:`UGVAE` (defaults: the MNIST settings of the reference code, Peis et al. 2023).
+
+    Attributes:
+        dim_z: local latent size (10).
+        dim_beta: global latent size (20).
+        num_components: K, mixture components of p(z | d, beta) (10).
+        prior_expert: include the N(0, I) prior as an expert of q(beta | X, Z) (``True``).
+        enumerate_d: ``"guide"`` (sum over d under q(d | z), default) or ``"model"`` (exact mixture marginal).
+        x_dim, arch, likelihood, hidden, pixel_scale: see :class:`~ppl_vae.models.image.image.ImageModelConfig`.
+    """
+
+    dim_z: int = 10
+    dim_beta: int = 20
+    num_components: int = 10
+    prior_expert: bool = True
+    enumerate_d: str = "guide"
+
+
+class UGVAE(ImageModel):
     """Unsupervised Global VAE (Peis et al. 2023) with local ``z_i``, enumerated mixture component ``d_i`` and a
     global ``beta`` shared by the batch. See the module docstring for the program and its ELBO.
 
     Args:
-        x_dim: features per datapoint (784 for 28x28 images).
-        dim_z: local latent size (MNIST default 10, as the reference).
-        dim_beta: global latent size (MNIST default 20).
-        num_components: K, mixture components of p(z | d, beta) (MNIST default 10).
-        arch: ``"mlp"`` (one 256-unit pre-encoder layer, 256-unit MLP decoder) or ``"conv"`` (28x28 conv nets).
-        likelihood: ``"bernoulli"`` (pixels in ``[0, 1]``) or ``"gaussian"`` (vector data).
-        hidden: width of the hidden layers (pre-encoder output, q(d|z) net, beta experts, component nets).
-        pixel_scale: fixed Gaussian likelihood scale (the reference uses variance 0.2 -> ``0.2 ** 0.5``) or
-            ``None`` to learn it; ignored for Bernoulli.
-        prior_expert: include the N(0, I) prior as an expert of q(beta | X, Z) (default ``True``).
-        enumerate_d: ``"guide"`` (METHODS §10's ELBO, default) or ``"model"`` (exact mixture marginal).
+        config: a :class:`UGVAEConfig` (or a dict of its options), or ``None`` for the defaults.
+        **options: fields of :class:`UGVAEConfig`, overriding ``config``:
+            ``x_dim`` (784), ``dim_z`` (10), ``dim_beta`` (20), ``num_components`` (10), ``arch`` (``"mlp"``: one
+            256-unit pre-encoder layer and a 256-unit MLP decoder; ``"conv"``: 28x28 conv nets), ``likelihood``
+            (``"bernoulli"`` for pixels in ``[0, 1]``, ``"gaussian"`` for vector data), ``hidden`` (256: pre-encoder
+            output, q(d|z) net, beta experts, component nets), ``pixel_scale`` (fixed Gaussian scale, the
+            reference's variance 0.2 is ``0.2 ** 0.5``; ``None`` learns it), ``prior_expert`` (``True``),
+            ``enumerate_d`` (``"guide"`` or ``"model"``).
 
     Pyro sites: ``beta`` (global, event ``(dim_beta,)``), and in ``plate("data", B)``: ``d`` (enumerated),
     ``z`` (event ``(dim_z,)``), ``x`` (observed, event ``(x_dim,)``, masked by ``batch.x_mask``).
 
     Raises:
+        TypeError: an unknown option (e.g. ``dim_zz``), named.
         ppl_vae.errors.UnknownNameError: unknown ``arch``/``likelihood``/``enumerate_d``.
         ValueError: non-positive sizes, conv with ``x_dim != 784``.
     """
 
     name = "ug-vae"
+    Config = UGVAEConfig
+    enumerated = True
 
-    def __init__(self, x_dim: int = 784, dim_z: int = 10, dim_beta: int = 20, num_components: int = 10,
-                 arch: str = "mlp", likelihood: str = "bernoulli", hidden: int = 256,
-                 pixel_scale: Optional[float] = None, prior_expert: bool = True, enumerate_d: str = "guide"):
-        super().__init__(x_dim=x_dim, dim_z=dim_z, dim_beta=dim_beta, num_components=num_components, arch=arch,
-                         likelihood=likelihood, hidden=hidden, pixel_scale=pixel_scale, prior_expert=prior_expert,
-                         enumerate_d=enumerate_d)
+    def __init__(self, config: Optional[UGVAEConfig] = None, **options: Any):
+        super().__init__(config, **options)
+        cfg, hidden = self.cfg, self.cfg.hidden
+        self.dim_z, self.dim_beta, self.num_components = cfg.dim_z, cfg.dim_beta, cfg.num_components
+        self.prior_expert, self.enumerate_d = cfg.prior_expert, cfg.enumerate_d
+        # guide networks (after the shared pre-encoder h(x))
+        self.z_head = GaussianHead(hidden, cfg.dim_z)                                      # q(z | x)
+        self.d_net = MLP(cfg.dim_z, [hidden], cfg.num_components, activation="tanh")      # q(d | z) logits
+        self.beta_net = nn.Sequential(nn.Linear(hidden + cfg.num_components, hidden), nn.ReLU(),
+                                      GaussianHead(hidden, cfg.dim_beta))                  # per-point beta experts
+        # model networks: the K component nets beta -> (mu_k, log var_k) evaluated as one batched network
+        self.component_net = ColumnwiseMLP(cfg.num_components, cfg.dim_beta, [hidden], 2 * cfg.dim_z)
+        self.decoder = self.build_decoder(cfg.dim_z + cfg.dim_beta)
+
+    def validate(self, cfg: UGVAEConfig) -> None:
+        """Raises :class:`~ppl_vae.errors.UnknownNameError` on an unknown ``enumerate_d``."""
         from ppl_vae.errors import UnknownNameError
 
-        check_arch(arch, likelihood, x_dim)
-        if enumerate_d not in _ENUMERATE:
-            raise UnknownNameError("enumeration mode", enumerate_d, _ENUMERATE)
-        if min(dim_z, dim_beta, num_components, hidden) <= 0:
-            raise ValueError("dim_z, dim_beta, num_components and hidden must be positive")
-        self.x_dim, self.dim_z, self.dim_beta, self.num_components = x_dim, dim_z, dim_beta, num_components
-        self.likelihood, self.prior_expert, self.enumerate_d = likelihood, prior_expert, enumerate_d
-        # guide networks
-        self.encoder = build_image_encoder(arch, x_dim, hidden)          # h(x): (B, x_dim) -> (B, hidden)
-        self.z_head = GaussianHead(hidden, dim_z)                         # q(z | x)
-        self.d_net = MLP(dim_z, [hidden], num_components, activation="tanh")   # q(d | z) logits
-        self.beta_net = nn.Sequential(nn.Linear(hidden + num_components, hidden), nn.ReLU(),
-                                      GaussianHead(hidden, dim_beta))     # per-point beta experts
-        # model networks: the K component nets beta -> (mu_k, log var_k) evaluated as one batched network
-        self.component_net = ColumnwiseMLP(num_components, dim_beta, [hidden], 2 * dim_z)
-        self.decoder = build_image_decoder(arch, dim_z + dim_beta, x_dim, hidden)
-        self.pixel_scale = PixelScale(x_dim, pixel_scale) if likelihood == "gaussian" else None
+        if cfg.enumerate_d not in _ENUMERATE:
+            raise UnknownNameError("enumeration mode", cfg.enumerate_d, _ENUMERATE)
 
     # ------------------------------------------------------------------ building blocks
     def component_params(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,19 +222,14 @@ class UGVAE(LatentVariableModel):
         loc_i, scale_i = self.beta_net(torch.cat([h, probs], dim=-1))
         return product_of_gaussian_experts(loc_i, scale_i, 1.0 if self.prior_expert else 0.0, weight=weight)
 
-    def _likelihood(self, z: torch.Tensor, beta: torch.Tensor, x_mask: Optional[torch.Tensor]):
-        out = self.decoder(concat_global(z, beta))
-        scale = self.pixel_scale() if self.pixel_scale is not None else None
-        return pixel_likelihood(out, x_mask, self.likelihood, scale)
-
     # ------------------------------------------------------------------ Pyro program
     def model(self, batch: Batch) -> None:
-        """Generative model p(X, Z, d, beta) of one batch (thesis ch. 3, eq. of the UG-VAE joint).
+        """Generative model p(X, Z, d, beta) of one batch (Peis et al. 2023, the UG-VAE joint).
 
         Args:
             batch: :class:`Batch` with ``x (B, x_dim)`` in ``[0, 1]`` (Bernoulli) and ``x_mask (B, x_dim)``.
         """
-        pyro.module("ugvae", self)
+        pyro.module(self.pyro_name, self)
         x, dev = batch.x, batch.x.device
         beta = pyro.sample("beta", dist.Normal(x.new_zeros(self.dim_beta), 1.0).to_event(1))
         comp_loc, comp_scale = self.component_params(beta)                     # (K, dim_z)
@@ -227,14 +237,14 @@ class UGVAE(LatentVariableModel):
             d = pyro.sample("d", dist.Categorical(logits=x.new_zeros(self.num_components)),
                             infer={"enumerate": "parallel"})                    # (B,) or (K, 1) enumerated
             z = pyro.sample("z", dist.Normal(comp_loc[d], comp_scale[d]).to_event(1))
-            pyro.sample("x", self._likelihood(z, beta, batch.x_mask), obs=x)
+            pyro.sample("x", self.pixel_distribution(self.decoder(concat_global(z, beta)), batch.x_mask), obs=x)
 
     def guide(self, batch: Batch) -> None:
-        """Inference model q(Z | X) q(d | Z) q(beta | X, Z) (thesis ch. 3, UG-VAE inference model).
+        """Inference model q(Z | X) q(d | Z) q(beta | X, Z) (Peis et al. 2023, UG-VAE inference model).
 
         ``d`` is declared (enumerated under ``q(d | z)``) only when ``enumerate_d == "guide"``.
         """
-        pyro.module("ugvae", self)
+        pyro.module(self.pyro_name, self)
         h, z_loc, z_scale = self.local_posterior(batch.x)
         data = pyro.plate("data", batch.size, device=batch.x.device)
         with data:
@@ -246,13 +256,6 @@ class UGVAE(LatentVariableModel):
         if self.enumerate_d == "guide":
             with data:
                 pyro.sample("d", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
-
-    def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
-        """One ``TraceEnum_ELBO(max_plate_nesting=1)`` stage (Adam lr 5e-3 in the reference code)."""
-        import pyro.infer
-
-        return [TrainingStage("elbo", self.model, self.guide, pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
-                              steps, lr)]
 
     # ------------------------------------------------------------------ experiment helpers
     @torch.no_grad()
@@ -288,8 +291,7 @@ class UGVAE(LatentVariableModel):
 
         Shapes: ``-> (num_batches, batch_size, x_dim)``. ``generator`` seeds the draws (its device is used).
         """
-        device = device or next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
+        device, dtype = self._device_dtype(device)
         beta = torch.randn(num_batches, self.dim_beta, generator=generator, device=device, dtype=dtype)
         loc, scale = self.component_params(beta)                                   # (N, K, dim_z)
         d = torch.randint(self.num_components, (num_batches, batch_size), generator=generator, device=device)

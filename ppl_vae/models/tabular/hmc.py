@@ -14,24 +14,28 @@ refined_guide.HMCObjective`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ppl_vae.models.base import Batch, TrainingStage
-from ppl_vae.models.tabular.vae import VAE
-from ppl_vae.models.tabular.vaem import VAEM
+from ppl_vae.models.tabular.vae import VAE, VAEConfig
+from ppl_vae.models.tabular.vaem import VAEM, VAEMConfig
 
-__all__ = ["HMCRefinement", "HMCVAE", "HMCVAEM"]
+__all__ = ["HMCOptions", "HMCRefinement", "HMCVAE", "HMCVAEM", "HMCVAEConfig", "HMCVAEMConfig"]
 
 
-class HMCRefinement:
-    """Mixin adding an HMC-refined guide to a table model (put it before the model class in the bases).
+@dataclass
+class HMCOptions:
+    """Options of the HMC refinement (mixed into the base model's config).
 
-    Keyword args (stored in the config, so checkpoints rebuild the same sampler):
+    Attributes:
         hmc_steps: T transitions (reference 5..15).
         leapfrog_steps: L leapfrog steps per transition (reference 5).
         inflation: ``"scalar"`` | ``"layer"`` | ``"dim"``: shape of the learnable proposal inflation.
+        step_size_scheme: ``"relative"`` (step sizes relative to the encoder's σ: a diagonal mass matrix
+            ``diag(σ)⁻²``) or ``"absolute"`` (the reference scheme); see :class:`~ppl_vae.infer.HMCRefinedGuide`.
         hmc_fraction: fraction of the ELBO-stage steps spent in the joint VAE + HMC stage (reference: 2k of 20k).
         sksd_chains: chains per datapoint for the SKSD objective of the inflation (reference 30).
         hmc_lr: learning rate of the step sizes and inflation.
@@ -45,24 +49,57 @@ class HMCRefinement:
             NLL 1.40 with 1 sweep, 1.21 with 4 (plain VAE 1.23).
     """
 
-    def __init__(self, schema, *, hmc_steps: int = 5, leapfrog_steps: int = 5, inflation: str = "scalar",
-                 hmc_fraction: float = 0.1, sksd_chains: int = 30, hmc_lr: float = 1e-2,
-                 joint_lr_scale: float = 0.1, test_sweeps: int = 4, **kwargs: Any):
-        super().__init__(schema, hmc_steps=hmc_steps, leapfrog_steps=leapfrog_steps, inflation=inflation,
-                         hmc_fraction=hmc_fraction, sksd_chains=sksd_chains, hmc_lr=hmc_lr,
-                         joint_lr_scale=joint_lr_scale, test_sweeps=test_sweeps, **kwargs)
+    hmc_steps: int = 5
+    leapfrog_steps: int = 5
+    inflation: str = "scalar"
+    step_size_scheme: str = "relative"
+    hmc_fraction: float = 0.1
+    sksd_chains: int = 30
+    hmc_lr: float = 1e-2
+    joint_lr_scale: float = 0.1
+    test_sweeps: int = 4
+
+
+@dataclass
+class HMCVAEConfig(HMCOptions, VAEConfig):
+    """Options of :class:`HMCVAE`: :class:`~ppl_vae.models.tabular.vae.VAEConfig` + :class:`HMCOptions`."""
+
+
+@dataclass
+class HMCVAEMConfig(HMCOptions, VAEMConfig):
+    """Options of :class:`HMCVAEM`: :class:`~ppl_vae.models.tabular.vaem.VAEMConfig` + :class:`HMCOptions`."""
+
+
+class HMCRefinement:
+    """Mixin adding an HMC-refined guide to a table model (put it before the model class in the bases).
+
+    The refined guide is derived from the model's own Pyro programs (``self.model``, ``self.guide``): the
+    potential comes from the model's trace and the proposal from the guide's; the model's hand-written
+    :meth:`~ppl_vae.models.tabular.table.TableVAE.log_joint` is used as a fast path once it has been checked to
+    equal the trace (float64, on the first batch). Options: :class:`HMCOptions`.
+
+    Raises:
+        ValueError: ``hmc_fraction`` outside (0, 1] or ``test_sweeps < 1``.
+    """
+
+    def __init__(self, schema, config=None, **options: Any):
+        super().__init__(schema, config, **options)
         from ppl_vae.infer.refined_guide import HMCRefinedGuide
 
-        if not 0.0 < hmc_fraction <= 1.0:
-            raise ValueError(f"hmc_fraction must be in (0, 1], got {hmc_fraction}")
-        self.hmc_fraction = float(hmc_fraction)
-        self.sksd_chains = int(sksd_chains)
-        self.hmc_lr = float(hmc_lr)
-        self.joint_lr_scale = float(joint_lr_scale)
-        if int(test_sweeps) < 1:
-            raise ValueError(f"test_sweeps must be >= 1, got {test_sweeps}")
-        self.test_sweeps = int(test_sweeps)
-        self.hmc_guide = HMCRefinedGuide(self, num_steps=hmc_steps, num_leapfrog=leapfrog_steps, inflation=inflation)
+        cfg = self.cfg
+        if not 0.0 < cfg.hmc_fraction <= 1.0:
+            raise ValueError(f"hmc_fraction must be in (0, 1], got {cfg.hmc_fraction}")
+        if int(cfg.test_sweeps) < 1:
+            raise ValueError(f"test_sweeps must be >= 1, got {cfg.test_sweeps}")
+        self.hmc_fraction = float(cfg.hmc_fraction)
+        self.sksd_chains = int(cfg.sksd_chains)
+        self.hmc_lr = float(cfg.hmc_lr)
+        self.joint_lr_scale = float(cfg.joint_lr_scale)
+        self.test_sweeps = int(cfg.test_sweeps)
+        self.hmc_guide = HMCRefinedGuide(self.model, self.guide, num_transitions=cfg.hmc_steps,
+                                         num_leapfrog=cfg.leapfrog_steps, inflation=cfg.inflation,
+                                         step_size_scheme=cfg.step_size_scheme, latent_dim=self.latent_dim,
+                                         num_sites=1, fast_log_joint=self.log_joint)
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
         """Base stages with the last (ELBO) stage split into pre-training and the joint VAE + HMC stage."""
@@ -80,7 +117,7 @@ class HMCRefinement:
             self.kl_weight = self.beta
 
         joint = TrainingStage("hmc", self.model, self.hmc_guide,
-                              HMCObjective(self, self.hmc_guide, sksd_chains=self.sksd_chains), n_hmc, lr,
+                              HMCObjective(sksd_chains=self.sksd_chains), n_hmc, lr,
                               param_lrs={"hmc_guide": self.hmc_lr,
                                          **{name: lr * self.joint_lr_scale for name in self.generative_modules()}},
                               on_step=joint_on_step)
@@ -98,11 +135,15 @@ class HMCRefinement:
 class HMCVAE(HMCRefinement, VAE):
     """HMC-VAE: :class:`~ppl_vae.models.tabular.vae.VAE` with an HMC-refined guide (CLI ``hmc-vae``)."""
 
+    Config = HMCVAEConfig
+
     name = "hmc-vae"
 
 
 class HMCVAEM(HMCRefinement, VAEM):
     """HMC-VAEM: :class:`~ppl_vae.models.tabular.vaem.VAEM` whose dependency-VAE posterior is refined by HMC
     (CLI ``hmc-vaem``)."""
+
+    Config = HMCVAEMConfig
 
     name = "hmc-vaem"

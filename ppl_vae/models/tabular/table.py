@@ -8,10 +8,11 @@ Predictor`). The guide is the amortised Gaussian ``q(h | x_O, y_O)`` whose encod
 
 Subclasses say how the table is emitted: :meth:`observation_features` (what the encoder reads of x),
 :meth:`x_params` (likelihood parameters of x given h), :meth:`observe_x` (the Pyro sites) and
-:meth:`log_lik_x` (the same log-likelihood in plain torch: the fast path of the HMC target).
+:meth:`log_lik_x` (the same log-likelihood in plain torch: the optional, verified fast path of the HMC target).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import pyro
@@ -21,10 +22,32 @@ import torch
 
 from ppl_vae.likelihoods import MixedLikelihood
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
+from ppl_vae.models.config import ModelConfig, resolve_config
 from ppl_vae.models.tabular.predictor import Predictor
 from ppl_vae.nn import MLP, GaussianHead
 
-__all__ = ["TableVAE", "as_schema"]
+__all__ = ["TableVAE", "TableConfig", "as_schema"]
+
+
+@dataclass
+class TableConfig(ModelConfig):
+    """Options shared by the table models.
+
+    Attributes:
+        latent_dim: width of the latent ``h``.
+        hidden: hidden widths of the encoder and decoder MLPs.
+        predictor_hidden: hidden widths of the predictor MLP.
+        beta: weight of the KL term (β-VAE, Higgins et al. 2017); also the end point of KL warm-up.
+        kl_warmup: steps of linear KL annealing from 0 to ``beta`` at the start of the ELBO stage (0: none).
+        gaussian_scale: ``"learned"`` (bounded) or a fixed std for real columns (see :mod:`ppl_vae.likelihoods`).
+    """
+
+    latent_dim: int = 10
+    hidden: Sequence[int] = (64, 64)
+    predictor_hidden: Sequence[int] = (64,)
+    beta: float = 1.0
+    kl_warmup: int = 0
+    gaussian_scale: Union[str, float] = "learned"
 
 
 def as_schema(schema: Any):
@@ -40,37 +63,37 @@ class TableVAE(LatentVariableModel):
 
     Args:
         schema: ``TableSchema`` (or its dict) of the features and the optional target.
-        latent_dim: width of ``h``.
-        hidden: hidden widths of the encoder and decoder MLPs.
-        predictor_hidden: hidden widths of the predictor MLP.
-        beta: weight of the KL term (β-VAE, Higgins et al. 2017); also the end point of KL warm-up.
-        kl_warmup: number of steps of linear KL annealing from 0 to ``beta`` at the start of the ELBO stage
-            (0 disables it).
-        gaussian_scale: ``"learned"`` (bounded) or a fixed std for real columns (see :mod:`ppl_vae.likelihoods`).
+        config: a :class:`TableConfig` (of the subclass's ``Config`` type); keyword ``options`` override its fields.
+        **options: the config's fields by name (``latent_dim=5``...).
+
+    Raises:
+        TypeError: an unknown option (named, with the closest valid one).
 
     The latent site is ``self.latent_site`` (``"z"`` for the VAE, ``"h"`` for VAEM), shape ``(batch, latent_dim)``.
     """
 
     latent_site = "z"
 
-    def __init__(self, schema, latent_dim: int = 10, hidden: Sequence[int] = (64, 64),
-                 predictor_hidden: Sequence[int] = (64,), beta: float = 1.0, kl_warmup: int = 0,
-                 gaussian_scale: Union[str, float] = "learned", **extra: Any):
+    Config = TableConfig
+
+    def __init__(self, schema, config: Optional[TableConfig] = None, **options: Any):
         schema = as_schema(schema)
-        super().__init__(schema=schema.to_dict(), latent_dim=latent_dim, hidden=list(hidden),
-                         predictor_hidden=list(predictor_hidden), beta=beta, kl_warmup=kl_warmup,
-                         gaussian_scale=gaussian_scale, **extra)
+        cfg = resolve_config(type(self).Config, config, options, type(self).__name__)
+        super().__init__(schema=schema.to_dict(), **cfg.to_dict())
+        self.cfg = cfg
+        hidden = list(cfg.hidden)
         self.schema = schema
-        self.latent_dim = int(latent_dim)
-        self.beta = float(beta)
-        self.kl_warmup = int(kl_warmup)
+        self.latent_dim = int(cfg.latent_dim)
+        self.beta = float(cfg.beta)
+        self.kl_warmup = int(cfg.kl_warmup)
         self.kl_weight = self.beta
-        self.x_likelihood = MixedLikelihood(schema.features, gaussian_scale=gaussian_scale)
+        self.x_likelihood = MixedLikelihood(schema.features, gaussian_scale=cfg.gaussian_scale)
         D, F = self.x_likelihood.num_columns, self.x_likelihood.feature_dim
         self.predictor: Optional[Predictor] = None
         y_width = 0
         if schema.target is not None:
-            self.predictor = Predictor(F, D, self.latent_dim, schema.target, predictor_hidden, gaussian_scale)
+            self.predictor = Predictor(F, D, self.latent_dim, schema.target, list(cfg.predictor_hidden),
+                                       cfg.gaussian_scale)
             y_width = self.predictor.likelihood.feature_dim + 1
         self.encoder = MLP(self.observation_width() + D + y_width, hidden[:-1], hidden[-1])
         self.encoder_head = GaussianHead(hidden[-1], self.latent_dim)
@@ -111,14 +134,6 @@ class TableVAE(LatentVariableModel):
         """``{pyro module name: module}`` of the amortised encoder q(h | x_O, y_O)."""
         return {"encoder": self.encoder, "encoder_head": self.encoder_head}
 
-    def encoder_parameters(self) -> list:
-        """Parameters of the encoder (the ELBO-trained group of METHODS §5)."""
-        return [p for m in self.encoder_modules().values() for p in m.parameters()]
-
-    def latent_sites(self) -> list[tuple[str, int]]:
-        """``[(site name, size)]`` of the continuous latents, in flat-vector order."""
-        return [(self.latent_site, self.latent_dim)]
-
     def encoder_input(self, batch: Batch) -> torch.Tensor:
         """``[features(x) ⊙ m_x, m_x, features(y) ⊙ m_y, m_y]``: ``(batch, encoder input width)``."""
         parts = [self.observation_features(batch), batch.x_mask.to(batch.x.dtype)]
@@ -152,16 +167,16 @@ class TableVAE(LatentVariableModel):
         """Features of the observed table entries ``(batch, feature_dim)`` (zero where missing), cached per batch."""
         return batch.cached("x_table_features", lambda: self.x_likelihood.encode(batch.x, batch.x_mask))
 
-    def log_prior(self, h: torch.Tensor) -> torch.Tensor:
-        """``log N(h; 0, I)`` summed over the latent: ``(..., batch)``."""
-        return dist.Normal(0.0, 1.0).log_prob(h).sum(-1)
-
     def log_joint(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Unnormalised log posterior ``log p(x_O, y_O, h)`` per datapoint: ``(..., batch)`` for ``h`` of shape
-        ``(..., batch, latent_dim)`` (the HMC target of METHODS §5, plain torch). Equals the Pyro trace of
-        :meth:`model` with ``beta = 1`` (tested)."""
+        """Hand-written ``log p(x_O, y_O, h)`` per datapoint: ``(..., batch)`` for ``h`` ``(..., batch, latent_dim)``.
+
+        An optional fast path of the HMC target (Peis et al. 2022, §3.5): the HMC-refined models hand it to
+        :class:`~ppl_vae.infer.potential.TracePotential`, which checks it against the log joint derived from the
+        trace of :meth:`model` on first use (float64, relative error ≤ 1e-5) and raises on disagreement, so a
+        subclass that changes :meth:`model` without changing this method gets an error, never a wrong target."""
         x_params = self.x_params(h, batch)
-        out = self.log_prior(h) + self.log_lik_x(h, batch, x_params=x_params)
+        prior = dist.Normal(0.0, 1.0).log_prob(h).sum(-1)
+        out = prior + self.log_lik_x(h, batch, x_params=x_params)
         if self.predictor is not None and batch.y is not None:
             y, ym = self.target(batch)
             out = out + self.predictor.likelihood.log_prob(self.y_params(h, batch, x_params), y, ym)

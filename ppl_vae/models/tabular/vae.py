@@ -7,22 +7,29 @@ KL term (β-VAE).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ppl_vae.models.base import Batch
-from ppl_vae.models.tabular.table import TableVAE
+from ppl_vae.models.tabular.table import TableConfig, TableVAE
 from ppl_vae.nn import MLP
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "VAEConfig"]
+
+
+@dataclass
+class VAEConfig(TableConfig):
+    """Options of :class:`VAE` (those of :class:`~ppl_vae.models.tabular.table.TableConfig`)."""
 
 
 class VAE(TableVAE):
     """VAE whose decoder emits the parameters of every column's likelihood.
 
-    Args: see :class:`~ppl_vae.models.tabular.table.TableVAE` (``schema``, ``latent_dim``, ``hidden``,
-    ``predictor_hidden``, ``beta``, ``kl_warmup``, ``gaussian_scale``).
+    Args: ``schema``, and a :class:`VAEConfig` or its fields as keywords (``latent_dim``, ``hidden``,
+    ``predictor_hidden``, ``beta``, ``kl_warmup``, ``gaussian_scale``; see
+    :class:`~ppl_vae.models.tabular.table.TableConfig`). An unknown option raises ``TypeError``.
 
     Latent site ``"z"``: ``(batch, latent_dim)``. Observation sites ``"x_<likelihood>"`` (one per likelihood type,
     masked by ``x_mask``) and ``"y_<likelihood>"`` (masked by ``y_mask``).
@@ -31,9 +38,11 @@ class VAE(TableVAE):
     name = "vae"
     latent_site = "z"
 
-    def __init__(self, schema, latent_dim: int = 10, hidden=(64, 64), **kwargs):
-        super().__init__(schema, latent_dim=latent_dim, hidden=hidden, **kwargs)
-        self.decoder = MLP(self.latent_dim, list(hidden)[::-1], self.x_likelihood.param_dim)
+    Config = VAEConfig
+
+    def __init__(self, schema, config: Optional[VAEConfig] = None, **options):
+        super().__init__(schema, config, **options)
+        self.decoder = MLP(self.latent_dim, list(self.cfg.hidden)[::-1], self.x_likelihood.param_dim)
 
     def generative_modules(self) -> dict:
         """Decoder and predictor: what the model side of the ELBO trains."""

@@ -14,6 +14,7 @@ encoder reads ``[z ⊙ m_x, m_x, y ⊙ m_y, m_y]``. A missing ``x_d`` is imputed
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
@@ -24,10 +25,27 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, TrainingStage
-from ppl_vae.models.tabular.table import TableVAE
+from ppl_vae.models.tabular.table import TableConfig, TableVAE
 from ppl_vae.nn import ColumnwiseMLP, GaussianHead, MLP
 
-__all__ = ["MarginalVAEs", "VAEM"]
+__all__ = ["MarginalVAEs", "VAEM", "VAEMConfig"]
+
+
+@dataclass
+class VAEMConfig(TableConfig):
+    """Options of :class:`VAEM`: those of :class:`~ppl_vae.models.tabular.table.TableConfig` (they configure the
+    dependency VAE) and
+
+    Attributes:
+        marginal_hidden: hidden width of each marginal VAE (reference 32).
+        marginal_steps: steps of stage 1; ``None`` -> a third of the total steps given to
+            :meth:`VAEM.training_stages` (reference: ~1k).
+        discrete_kl_weight: KL weight of the marginal VAEs of bernoulli/categorical columns (reference 0.2).
+    """
+
+    marginal_hidden: int = 32
+    marginal_steps: Optional[int] = None
+    discrete_kl_weight: float = 0.2
 
 
 class MarginalVAEs(nn.Module):
@@ -77,12 +95,8 @@ class VAEM(TableVAE):
     """VAEM (Ma et al. 2020): marginal VAEs + a dependency VAE, with the predictor of METHODS §3.
 
     Args:
-        schema, latent_dim, hidden, predictor_hidden, beta, kl_warmup, gaussian_scale: see
-            :class:`~ppl_vae.models.tabular.table.TableVAE` (they configure the dependency VAE).
-        marginal_hidden: hidden width of each marginal VAE (reference 32).
-        marginal_steps: steps of stage 1; ``None`` -> a third of the total steps given to
-            :meth:`training_stages` (reference: ~1k).
-        discrete_kl_weight: KL weight of the marginal VAEs of bernoulli/categorical columns (reference 0.2).
+        schema: the table's ``TableSchema``.
+        config: a :class:`VAEMConfig`, or its fields as keyword options. An unknown option raises ``TypeError``.
 
     Sites: stage 1 ``"z_marginal_real"``/``"z_marginal_discrete"`` ``(batch, n)`` and ``"x_<likelihood>"``;
     stage 2 latent ``"h"`` ``(batch, latent_dim)``, observed codes ``"codes"`` ``(batch, D)`` and ``"y_<likelihood>"``.
@@ -91,11 +105,13 @@ class VAEM(TableVAE):
     name = "vaem"
     latent_site = "h"
 
-    def __init__(self, schema, latent_dim: int = 10, hidden: Sequence[int] = (64, 64), marginal_hidden: int = 32,
-                 marginal_steps: Optional[int] = None, discrete_kl_weight: float = 0.2, **kwargs):
-        super().__init__(schema, latent_dim=latent_dim, hidden=hidden, marginal_hidden=marginal_hidden,
-                         marginal_steps=marginal_steps, discrete_kl_weight=discrete_kl_weight, **kwargs)
-        self.marginal = MarginalVAEs(self.x_likelihood, marginal_hidden)
+    Config = VAEMConfig
+
+    def __init__(self, schema, config: Optional[VAEMConfig] = None, **options):
+        super().__init__(schema, config, **options)
+        hidden = list(self.cfg.hidden)
+        marginal_steps, discrete_kl_weight = self.cfg.marginal_steps, self.cfg.discrete_kl_weight
+        self.marginal = MarginalVAEs(self.x_likelihood, self.cfg.marginal_hidden)
         self.code_decoder = nn.Sequential(MLP(self.latent_dim, list(hidden)[::-1][:-1], list(hidden)[0]),
                                           nn.ReLU(), GaussianHead(list(hidden)[0], self.x_likelihood.num_columns))
         self.marginal_steps = marginal_steps
