@@ -300,3 +300,19 @@ def test_config_typo_raises_type_error(boston):
     m = build_model("hmc-vae", data.schema, latent_dim=3, hmc_steps=2)
     rebuilt = build_model("hmc-vae", **m.config)
     assert rebuilt.cfg == m.cfg
+
+
+def test_step_sizes_shrink_when_every_proposal_is_rejected():
+    """Step sizes far too large (every transition divergent): L_HMC gives φ no gradient; the acceptance floor does,
+    and SVI lowers the step sizes until proposals are accepted again; the objective warns while acceptance is low."""
+    refined = HMCRefinedGuide(model, misspecified_guide, num_transitions=2, num_leapfrog=3, step_size_range=(30, 30))
+    objective = HMCObjective(sksd_chains=0, low_accept_steps=5)
+    svi = SVI(model, refined, pyro.optim.Adam({"lr": 0.3}), objective)
+    with pytest.warns(RuntimeWarning, match="acceptance"):
+        accepts = []
+        for _ in range(50):
+            svi.step(X)
+            accepts.append(objective.last_stats["accept"])
+    assert min(accepts[:25]) < 0.05
+    assert max(accepts[-10:]) > 0.5
+    assert float(refined.step_sizes().detach().max()) < 10.0

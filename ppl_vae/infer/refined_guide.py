@@ -19,7 +19,6 @@ steps ``φ ⊙ σ`` follow the posterior's scale per datapoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 from typing import Callable, Iterable, Optional
@@ -33,12 +32,15 @@ from torch import nn
 
 from ppl_vae.infer.mcmc import HMCTrace, StepSizes, run_hmc
 from ppl_vae.infer.mcmc.sksd import sksd as _sksd
+from ppl_vae.infer.mcmc.tuning import acceptance_floor_loss
 from ppl_vae.infer.potential import BoundPotential, PotentialError, TracePotential
 
 __all__ = ["HMCRefinedGuide", "HMCObjective", "INFLATIONS", "STEP_SIZE_SCHEMES"]
 
 INFLATIONS = ("scalar", "layer", "dim")
 STEP_SIZE_SCHEMES = ("relative", "absolute")
+#: initial step sizes of the relative scheme, in units of the proposal's per-datapoint σ
+RELATIVE_STEP_SIZE_RANGE = (0.1, 0.3)
 
 
 @contextlib.contextmanager
@@ -92,7 +94,9 @@ class HMCRefinedGuide(nn.Module):
             against the trace on first use (:class:`~ppl_vae.infer.potential.TracePotential`).
         divergence_threshold: energy error marking a divergence (rejected as a whole and counted).
         seed: seed of the step-size initialisation ``log U(step_size_range)``.
-        step_size_range: initial step sizes ``U(low, high)`` (HH-VAEM: ``(0.02, 0.05)``).
+        step_size_range: initial step sizes ``U(low, high)``; default ``(0.02, 0.05)`` under ``"absolute"``
+            (HH-VAEM) and :data:`RELATIVE_STEP_SIZE_RANGE` under ``"relative"`` (in units of the proposal's σ, where
+            a calibrated guide makes the posterior's scale ≈ 1).
         sksd_chains: chains per datapoint for the SKSD objective of the inflation (reference 30).
         differentiable_scores: differentiate the SKSD through the score (a Hessian-vector product of the log joint,
             model parameters frozen meanwhile); ``False`` detaches the scores like the reference code.
@@ -110,7 +114,7 @@ class HMCRefinedGuide(nn.Module):
                  inflation: str = "scalar", step_size_scheme: str = "relative", num_chains: int = 1,
                  latent_dim: Optional[int] = None, num_sites: Optional[int] = None, data_plate: str = "data",
                  fast_log_joint: Optional[Callable] = None, divergence_threshold: float = 1000.0, seed: int = 0,
-                 step_size_range: tuple[float, float] = (0.02, 0.05), sksd_chains: int = 30,
+                 step_size_range: Optional[tuple[float, float]] = None, sksd_chains: int = 30,
                  differentiable_scores: bool = True, name: str = "hmc_guide"):
         super().__init__()
         if inflation not in INFLATIONS:
@@ -129,6 +133,8 @@ class HMCRefinedGuide(nn.Module):
         self.inflation_kind, self.step_size_scheme = inflation, step_size_scheme
         self.divergence_threshold = float(divergence_threshold)
         self.differentiable_scores = differentiable_scores
+        if step_size_range is None:
+            step_size_range = RELATIVE_STEP_SIZE_RANGE if step_size_scheme == "relative" else (0.02, 0.05)
         self.seed, self.step_size_range = int(seed), tuple(step_size_range)
         self.pyro_name = name
         self.step_sizes: Optional[StepSizes] = None
@@ -226,18 +232,11 @@ class HMCRefinedGuide(nn.Module):
         phi = self.step_sizes() if step_sizes is None else step_sizes
         if detach_step_sizes:
             phi = phi.detach()
-        if self.step_size_scheme == "absolute":
-            z0 = loc + self.inflation() * scale * xi
-            trace = run_hmc(bound, z0, phi, self.num_leapfrog, None, generator, self.divergence_threshold, keep_chain)
-        else:  # HMC on w = z / σ (diagonal mass matrix diag(σ)^-2): dimensionless step sizes
-            sigma = scale.detach()
-            w0 = loc / sigma + self.inflation() * xi
-            wtrace = run_hmc(lambda w: bound(w * sigma), w0, phi, self.num_leapfrog, None, generator,
-                             self.divergence_threshold, keep_chain)
-            trace = dataclasses.replace(
-                wtrace, position=wtrace.position * sigma, grad=wtrace.grad / sigma,
-                positions=None if wtrace.positions is None else wtrace.positions * sigma,
-                initial_position=wtrace.initial_position * sigma)
+        z0 = loc + self.inflation() * scale * xi
+        # "relative": absolute steps φ ⊙ σ, i.e. leapfrog with the diagonal mass matrix diag(σ)^-2 (Neal 2011, §4.1)
+        sigma = scale.detach() if self.step_size_scheme == "relative" else None
+        trace = run_hmc(bound, z0, phi, self.num_leapfrog, None, generator, self.divergence_threshold, keep_chain,
+                        scale=sigma)
         self.last_trace, self.last_potential = trace, bound
         return trace
 
@@ -414,6 +413,9 @@ class HMCObjective(pyro.infer.ELBO):
         sksd_chains: chains per datapoint for (3) (default ``guide.sksd_chains``; 0 disables inflation tuning).
         elbo: the ELBO used for (1) (default ``pyro.infer.Trace_ELBO()``).
         sksd_rows: rows of a :class:`Batch` used by (3).
+        target_accept: acceptance floor of :func:`ppl_vae.infer.mcmc.tuning.acceptance_floor_loss` added to φ's
+            objective (Andrieu & Thoms 2008, §3): zero while the chains accept at least this often, a gradient that
+            lowers the step sizes when they do not, also when every proposal is rejected (0 disables it).
         low_accept: acceptance-rate threshold of the warning below.
         low_accept_steps: warn (once) when the mean acceptance probability stays below ``low_accept`` for this many
             consecutive steps.
@@ -425,11 +427,12 @@ class HMCObjective(pyro.infer.ELBO):
     """
 
     def __init__(self, sksd_chains: Optional[int] = None, elbo=None, sksd_rows: int = 16,
-                 low_accept: float = 0.05, low_accept_steps: int = 50):
+                 target_accept: float = 0.6, low_accept: float = 0.05, low_accept_steps: int = 50):
         super().__init__(num_particles=1, max_plate_nesting=2)
         self.sksd_chains = sksd_chains
         self.sksd_rows = int(sksd_rows)
         self.elbo = elbo if elbo is not None else pyro.infer.Trace_ELBO()
+        self.target_accept = float(target_accept)
         self.low_accept, self.low_accept_steps = float(low_accept), int(low_accept_steps)
         self._low_streak, self._warned = 0, False
         self.last_stats: dict[str, float] = {}
@@ -480,6 +483,9 @@ class HMCObjective(pyro.infer.ELBO):
         hmc_loss = -log_p[finite].mean() if bool(finite.any()) else log_p.sum() * 0.0
         phi = [refined.step_sizes.log_step_size]
         grads += zip(theta + phi, torch.autograd.grad(hmc_loss, theta + phi, allow_unused=True))
+        if self.target_accept > 0:  # a gradient for φ even when every proposal is rejected (L_HMC has none then)
+            floor = acceptance_floor_loss(trace.accept_prob, refined.step_sizes(), self.target_accept)
+            grads += zip(phi, torch.autograd.grad(floor, phi, allow_unused=True))
         # (3) SKSD -> inflation, on separate chains (of the first `sksd_rows` rows of a Batch)
         cs = refined.sksd_chains if self.sksd_chains is None else int(self.sksd_chains)
         disc = None
@@ -503,6 +509,7 @@ class HMCObjective(pyro.infer.ELBO):
             "log_p_T": float(log_p.detach()[finite].mean()) if bool(finite.any()) else float("nan"),
             "sksd": float(disc.detach()) if disc is not None else float("nan"),
             "accept": accept,
+            "accept_rate": float(trace.accepted.float().mean()) if trace.accepted is not None else float("nan"),
             "divergent": float(trace.diverging.sum()),
             "inflation": float(refined.inflation().detach().mean()),
             "step_size": float(refined.step_sizes().detach().mean()),
