@@ -316,3 +316,38 @@ def test_step_sizes_shrink_when_every_proposal_is_rejected():
     assert min(accepts[:25]) < 0.05
     assert max(accepts[-10:]) > 0.5
     assert float(refined.step_sizes().detach().max()) < 10.0
+
+
+def test_compiled_potential_matches_eager_and_is_reused_across_batches():
+    eager = HMCRefinedGuide(model, misspecified_guide, num_transitions=3, num_leapfrog=3)
+    compiled = HMCRefinedGuide(model, misspecified_guide, num_transitions=3, num_leapfrog=3, compile=True)
+    eager.bind(X)
+    compiled.bind(X)
+    compiled.load_state_dict(eager.state_dict())
+    for data in (X, X + 0.5):  # a new batch of the same shape reuses the recorded graph
+        pyro.set_rng_seed(5)
+        a = eager.refine(data, num_chains=8).position
+        pyro.set_rng_seed(5)
+        b = compiled.refine(data, num_chains=8).position
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(compiled.potential._graphs) == 1
+
+
+def test_compiled_potential_falls_back_for_a_program_that_branches_on_data():
+    def branching_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            shift = 1.0 if float(x.sum()) > 0 else -1.0  # Python control flow on data values: frozen by a graph
+            pyro.sample("x", dist.Normal(z + shift, 1.0), obs=x)
+
+    def simple_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+
+    refined = HMCRefinedGuide(branching_model, simple_guide, num_transitions=1, num_leapfrog=1, compile=True)
+    with pytest.warns(RuntimeWarning, match="cannot be recorded"):
+        refined.refine(torch.ones(4))
+    assert not refined.potential.compile and not refined.potential._graphs
+    bound = refined.bind(-torch.ones(4))  # the eager trace sees the branch
+    z = torch.zeros(1, 4, 1)
+    torch.testing.assert_close(bound(z), (dist.Normal(0.0, 1.0).log_prob(z[..., 0]) * 2))

@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -106,6 +107,14 @@ class _LogJointMessenger(Messenger):
         self.batch_size = batch_size
         self.total = total  # (C, N)
         self.seen: set = set()
+
+    def _pyro_param(self, msg) -> None:
+        # ``pyro.module`` registering a module weight: the weight itself is the value (the param store holds the
+        # same tensor), so the store lookup is skipped. Plain ``pyro.param`` s go through the store as usual.
+        args = msg["args"]
+        if len(args) > 1 and isinstance(args[1], nn.Parameter):
+            msg["value"] = args[1]
+            msg["done"] = True
 
     def _pyro_sample(self, msg) -> None:
         name = msg["name"]
@@ -271,6 +280,21 @@ class BoundPotential:
         out = out + self.log_abs_det_jacobian(z)
         return out[0] if squeeze else out
 
+    def value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z (C, N, latent_dim) -> (log p (C, N), ∇_z log p (C, N, latent_dim))``, both detached: the gradient the
+        leapfrog integrator needs (model parameters receive nothing). With ``TracePotential(compile=True)`` this
+        runs a cached graph of the program (see :class:`TracePotential`); otherwise autograd on :meth:`__call__`.
+        """
+        if self.owner.compile and self.fast_log_joint is None:
+            out = self.owner._compiled_value_and_grad(self, z)
+            if out is not None:
+                return out
+        with torch.enable_grad():
+            x = z.detach().requires_grad_(True)
+            lp = self(x)
+            (g,) = torch.autograd.grad(lp.sum(), x)
+        return lp.detach(), g
+
     def trace_log_prob(self, z: torch.Tensor, model: Optional[Callable] = None) -> torch.Tensor:
         """``(C, N, latent_dim) -> (C, N)`` log joint of the constrained values (no Jacobian), from the trace.
 
@@ -367,6 +391,12 @@ class TracePotential:
         fast_log_joint: optional hand-written ``(z (C, N, latent_dim), *args, **kwargs) -> (C, N)`` log joint of
             the constrained values (no Jacobian) that must equal the trace; checked on first use in float64
             (relative error ≤ :data:`FAST_PATH_RTOL`), :class:`PotentialError` on disagreement.
+        compile: run the leapfrog's value-and-gradient through a graph of the program recorded once per input
+            signature (``torch.fx``), verified against the eager trace; see :meth:`_compiled_value_and_grad`. The
+            recording costs about a second per new signature (batch size, number of chains), then each call costs
+            about what a hand-written log joint costs.
+        verify_every: with ``compile``, compare the graph with the eager trace every this many calls (0: only on
+            recording).
 
     Raises:
         PotentialError: from :meth:`bind`: no data plate, a discrete latent, a global latent, a guide site that is
@@ -374,11 +404,75 @@ class TracePotential:
     """
 
     def __init__(self, model: Callable, guide: Optional[Callable] = None, data_plate: str = "data",
-                 fast_log_joint: Optional[Callable] = None):
+                 fast_log_joint: Optional[Callable] = None, compile: bool = False, verify_every: int = 200):
         self.model, self.guide, self.data_plate = model, guide, data_plate
         self.fast_log_joint = fast_log_joint
+        self.compile, self.verify_every = bool(compile), int(verify_every)
         self._checked = False
         self.check_report: Optional[dict] = None
+        self._graphs: dict = {}
+        self._calls = 0
+
+    # ------------------------------------------------------------------ cached graphs (compile=True)
+    def clear_cache(self) -> None:
+        """Drop the cached graphs (needed after replacing parameter tensors, e.g. moving the model to a device)."""
+        self._graphs.clear()
+
+    def _compiled_value_and_grad(self, bound: BoundPotential, z: torch.Tensor):
+        """The leapfrog's value and gradient from a graph of the program recorded once per input signature with
+        ``torch.fx`` (``make_fx``): the Pyro effect handlers, distribution objects and plates are replayed as plain
+        tensor operations. Inputs of the graph are ``z`` and every tensor of the program's arguments, so a new batch
+        of the same shapes reuses it; module weights are captured by reference (in-place optimiser updates are
+        seen). Each new graph, and every ``verify_every``-th call, is compared with the eager trace (relative error
+        ≤ :data:`FAST_PATH_RTOL`); a mismatch (e.g. Python control flow on data values, which a graph freezes)
+        raises :class:`PotentialError`. Returns ``None`` when the arguments cannot be flattened (eager fallback)."""
+        flat = _flatten((bound.args, bound.kwargs))
+        if flat is None:
+            return None
+        tensors, rebuild, spec = flat
+        key = (tuple(z.shape), z.dtype, str(z.device), spec,
+               tuple((tuple(a.shape), a.dtype, str(a.device)) for a in tensors), id(bound.model))
+        graph = self._graphs.get(key)
+        model, data_plate_nesting = bound.model, bound.max_plate_nesting
+        fresh = graph is None
+        if fresh:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            def value_and_grad(zz, *arg_tensors):
+                args, kwargs = rebuild(list(arg_tensors))
+
+                def summed(w):
+                    lp = bound._trace_log_prob(w, model, args, kwargs) + bound.log_abs_det_jacobian(w)
+                    return lp.sum(), lp
+
+                g, (_, lp) = torch.func.grad_and_value(summed, has_aux=True)(zz)
+                return lp, g
+
+            try:
+                with torch.no_grad():
+                    graph = make_fx(value_and_grad)(z.detach(), *tensors)
+            except RuntimeError as err:  # the program reads data values in Python (e.g. float(x.sum())): no graph
+                warnings.warn(f"compile=True: the model cannot be recorded as a graph ({str(err)[:120]}...); "
+                              "using the eager trace", RuntimeWarning)
+                self.compile = False
+                return None
+            self._graphs[key] = graph
+        self._calls += 1
+        with torch.no_grad():
+            lp, g = graph(z.detach(), *tensors)
+        if fresh or (self.verify_every > 0 and self._calls % self.verify_every == 0):
+            with torch.enable_grad():
+                x = z.detach().requires_grad_(True)
+                ref = bound._trace_log_prob(x, model, bound.args, bound.kwargs) + bound.log_abs_det_jacobian(x)
+                (gref,) = torch.autograd.grad(ref.sum(), x)
+            err = float(((lp - ref.detach()).abs() / ref.detach().abs().clamp_min(1.0)).max())
+            gerr = float(((g - gref).abs() / gref.abs().clamp_min(1.0)).max())
+            if not (err <= FAST_PATH_RTOL * 10 and gerr <= 1e-3):
+                self._graphs.pop(key, None)
+                raise PotentialError(
+                    f"the recorded graph of the model disagrees with its trace (relative error {err:.3g}, gradient "
+                    f"{gerr:.3g}): the program branches on data values; use compile=False")
+        return lp, g
 
     # ------------------------------------------------------------------ prototype
     def bind(self, *args, guide: Optional[Callable] = None, model: Optional[Callable] = None, **kwargs
@@ -500,6 +594,53 @@ class TracePotential:
                 f"the hand-written log joint disagrees with the model's Pyro program (max relative error {err:.3g} "
                 f"> {FAST_PATH_RTOL:g} in float64 on {num_points}x{bound.batch_size} points): fix it or drop it")
         self._checked = True
+
+
+def _flatten(obj):
+    """``(tensors, rebuild, spec)`` of a nest of tensors, dataclasses, lists, tuples and dicts; other leaves must be
+    hashable (they are part of ``spec``, the cache key). ``rebuild(tensors)`` gives the nest back with new tensors
+    (a dataclass is rebuilt from its init fields: per-object caches are not carried over). ``None`` if a leaf is
+    not hashable."""
+    tensors: list = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+            return ("T",)
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            names = [f.name for f in dataclasses.fields(o) if f.init and f.compare]
+            return ("D", type(o), tuple((n, walk(getattr(o, n))) for n in names))
+        if isinstance(o, (list, tuple)):
+            return ("L" if isinstance(o, list) else "U", tuple(walk(v) for v in o))
+        if isinstance(o, dict):
+            return ("M", tuple((k, walk(v)) for k, v in o.items()))
+        hash(o)
+        return ("V", o)
+
+    try:
+        spec = walk(obj)
+    except TypeError:
+        return None
+
+    def rebuild(ts: list):
+        it = iter(ts)
+
+        def build(s):
+            kind = s[0]
+            if kind == "T":
+                return next(it)
+            if kind == "D":
+                return s[1](**{n: build(v) for n, v in s[2]})
+            if kind in ("L", "U"):
+                vals = [build(v) for v in s[1]]
+                return vals if kind == "L" else tuple(vals)
+            if kind == "M":
+                return {k: build(v) for k, v in s[1]}
+            return s[1]
+
+        return build(spec)
+
+    return tensors, rebuild, spec
 
 
 def _tensors(obj):
