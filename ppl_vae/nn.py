@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "ColumnwiseMLP", "GaussianHead", "ConvEncoder28", "ConvDecoder28"]
+__all__ = ["MLP", "ColumnwiseMLP", "GaussianHead", "ConvEncoder28", "ConvDecoder28", "MaskedConvEncoder28"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "silu": nn.SiLU}
 
@@ -145,3 +145,46 @@ class ConvDecoder28(nn.Module):
         lead = h.shape[:-1]
         out = self.net(self.fc(h.reshape(-1, h.shape[-1])).reshape(-1, 2 * self.channels, 7, 7))
         return out.reshape(*lead, 784)
+
+
+class MaskedConvEncoder28(nn.Module):
+    """Encoder of a partially observed 28x28 image plus side inputs (the Partial-VAE input of a table model whose
+    784 columns are the pixels; Ma et al. 2018, Peis et al. 2022 §4.2).
+
+    The flat input is ``[x ⊙ m (784), m (784), extra (extra_features)]``: the observed pixels (zero where missing)
+    and the observation mask become the two channels of a convolutional net (two stride-2 4x4 convolutions,
+    28 -> 14 -> 7), whose flattened output is concatenated with ``extra`` (e.g. ``[y ⊙ m_y, m_y]``) and mapped to
+    ``out_features`` by a linear layer. Not followed by an activation (the table models apply ReLU before their
+    Gaussian head).
+
+    Args:
+        out_features: output width.
+        extra_features: width of the side input after the two image channels (may be 0).
+        channels: channels of the first convolution (the second has twice as many).
+
+    Shapes: ``(..., 2 * 784 + extra_features) -> (..., out_features)``.
+
+    Raises:
+        ValueError: the input's last dimension is not ``2 * 784 + extra_features``.
+    """
+
+    def __init__(self, out_features: int, extra_features: int = 0, channels: int = 32):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(2, channels, 4, 2, 1), nn.ReLU(),             # 14x14
+            nn.Conv2d(channels, 2 * channels, 4, 2, 1), nn.ReLU(),  # 7x7
+            nn.Flatten(),
+        )
+        self.linear = nn.Linear(2 * channels * 49 + extra_features, out_features)
+        self.extra_features, self.out_features = int(extra_features), int(out_features)
+        self.in_features = 2 * 784 + self.extra_features
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"MaskedConvEncoder28 expects {self.in_features} input features "
+                             f"(784 pixels, 784 mask, {self.extra_features} extra), got {inputs.shape[-1]}")
+        lead = inputs.shape[:-1]
+        flat = inputs.reshape(-1, self.in_features)
+        image = flat[:, :2 * 784].reshape(-1, 2, 28, 28)
+        h = torch.cat([self.conv(image), flat[:, 2 * 784:]], -1)
+        return self.linear(h).reshape(*lead, self.out_features)

@@ -18,9 +18,11 @@ from ppl_vae.data import TableDataset, from_csv, load_dataset
 from ppl_vae.errors import PplVaeError
 from ppl_vae.infer.evaluation import evaluate_split, format_table, results_dataset
 from ppl_vae.infer.checkpoint import load_checkpoint, load_model, remove_orphaned_tmp
+from ppl_vae.infer import distributed as _dist
 from ppl_vae.infer.svi import Trainer
 from ppl_vae.models import MODELS, TABLE_MODELS, build_model
 from ppl_vae.errors import UnknownNameError
+from ppl_vae.threads import small_work
 
 __all__ = ["DEFAULT_MODEL_KWARGS", "resolve_dataset", "fit_split", "run_experiment", "evaluate_checkpoint",
            "resolve_device", "remove_run_outputs"]
@@ -29,7 +31,11 @@ _TABLE_DEFAULTS = {"latent_dim": 10, "hidden": [64, 64], "kl_warmup": 500}
 
 #: per-model defaults (paper-sized for the UCI tables). The HMC variants share their base model's, so that the
 #: ELBO pre-training of ``hmc-vae``/``hmc-vaem`` is exactly the ``vae``/``vaem`` training it is compared with.
-DEFAULT_MODEL_KWARGS: dict[str, dict] = {name: dict(_TABLE_DEFAULTS) for name in ("vae", "vaem", "hmc-vae", "hmc-vaem")}
+DEFAULT_MODEL_KWARGS: dict[str, dict] = {name: dict(_TABLE_DEFAULTS) for name in (
+    "vae", "vaem", "hmc-vae", "hmc-vaem",
+    # hierarchical (latent_dim = width of h_1; layers (latent_dim, latent_dim // 2) = the paper's [10, 5]) and
+    # importance-weighted models: the same budget, so h-vae/hh-vae and miwae compare with vae like for like
+    "h-vae", "h-vaem", "hh-vae", "hh-vaem", "miwae", "miwaem")}
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -48,8 +54,12 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 
 def resolve_dataset(name: Optional[str] = None, csv: Optional[str] = None, target: Optional[str] = None,
-                    **options: Any) -> TableDataset:
+                    csv_options: Optional[Mapping[str, Any]] = None, **options: Any) -> TableDataset:
     """A named data set (``load_dataset``) or a user CSV (``from_csv``; NaN/empty cells are missing).
+
+    Args:
+        csv_options: for ``csv``: ``sep``, ``na_values``, ``schema`` (a dict), ``drop`` of
+            :func:`~ppl_vae.data.dataset.from_csv` (stored in the checkpoint so ``evaluate`` rebuilds the same table).
 
     Raises:
         UnknownNameError: unknown data set name (lists the valid ones).
@@ -57,14 +67,16 @@ def resolve_dataset(name: Optional[str] = None, csv: Optional[str] = None, targe
     """
     if (name is None) == (csv is None):
         raise PplVaeError("give exactly one of a data set name (--dataset) or a CSV path (--csv)")
-    return load_dataset(name, **options) if csv is None else from_csv(csv, target=target)
+    return load_dataset(name, **options) if csv is None else from_csv(csv, target=target, **dict(csv_options or {}))
 
 
 def _check_table_model(model_name: str) -> None:
     if model_name not in MODELS:
         raise UnknownNameError("model", model_name, MODELS)
     if model_name not in TABLE_MODELS:
-        raise PplVaeError(f"model {model_name!r} is not a table model; table models: {', '.join(TABLE_MODELS)}")
+        raise PplVaeError(f"model {model_name!r} is not a table model; `ppl-vae run`/`fit` train the table models "
+                          f"({', '.join(TABLE_MODELS)}); the image models (ug-vae, beta-vae, gmvae, ml-vae) train "
+                          "with `ppl-vae ugvae-experiment`")
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -103,11 +115,40 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _spawn_needed(num_processes: int) -> bool:
+    """``True`` when ``num_processes > 1`` and this process is not yet in a process group; raises
+    :class:`PplVaeError` for a count below 1 or one that differs from the running group's size."""
+    n = int(num_processes)
+    if n < 1:
+        raise PplVaeError(f"--num-processes must be >= 1, got {n}")
+    if _dist.is_distributed():
+        if n not in (1, _dist.world_size()):
+            raise PplVaeError(f"num_processes={n} inside a process group of {_dist.world_size()} processes")
+        return False
+    return n > 1
+
+
+def _fit_split_worker(rank: int, world: int, model_name, dataset, split, kwargs):  # noqa: ARG001 - launch API
+    model, history = fit_split(model_name, dataset, split, **kwargs)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, history
+
+
+def _run_experiment_worker(rank: int, world: int, model_name, dataset, kwargs):  # noqa: ARG001 - launch API
+    return run_experiment(model_name, dataset, **kwargs)
+
+
+def _device_name(device: torch.device) -> str:
+    """The card's name for a CUDA device (``torch.cuda.get_device_name``), else ``"cpu"``."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@small_work
 def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 3000, batch_size: int = 128,
               lr: float = 3e-3, device: Union[str, torch.device] = "cpu", seed: int = 0,
               checkpoint: Optional[Union[str, Path]] = None, progress: bool = True,
               model_kwargs: Optional[Mapping[str, Any]] = None, data_spec: Optional[Mapping[str, Any]] = None,
-              checkpoint_every: int = 500, overwrite: bool = False):
+              checkpoint_every: int = 500, overwrite: bool = False, num_processes: int = 1):
     """Build ``model_name`` for ``dataset``'s schema and train it on ``split.train`` with :class:`Trainer`.
 
     Args:
@@ -119,6 +160,9 @@ def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 300
             ``seed`` of the split), stored in the checkpoint's metadata and settings.
         checkpoint_every: steps between checkpoint writes.
         overwrite: delete an existing checkpoint first and train from scratch.
+        num_processes: data-parallel processes (:mod:`ppl_vae.infer.distributed`; ``batch_size`` is the global
+            batch). Inside a process group (``torchrun``) it must be 1 or the group's size; outside one, ``> 1``
+            spawns that many processes (gloo on CPU, NCCL on CUDA) and returns rank 0's result.
 
     Returns: ``(model, history)``. The checkpoint's metadata records the data set, split and normaliser so that
     :func:`evaluate_checkpoint` can rebuild the test set.
@@ -128,6 +172,16 @@ def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 300
     """
     _check_table_model(model_name)
     kwargs = {**DEFAULT_MODEL_KWARGS.get(model_name, {}), **dict(model_kwargs or {})}
+    if _spawn_needed(num_processes):  # rank 0's parameters and history come back; the model is rebuilt here
+        state, history = _dist.launch(
+            _fit_split_worker, int(num_processes), model_name, dataset, split,
+            dict(steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed, checkpoint=checkpoint,
+                 progress=progress, model_kwargs=model_kwargs, data_spec=data_spec,
+                 checkpoint_every=checkpoint_every, overwrite=overwrite),
+            backend=_dist.backend_for(resolve_device(device)), start_method="spawn", timeout=float("inf"))[0]
+        model = build_model(model_name, dataset.schema, **kwargs)
+        model.load_state_dict(state)
+        return model.to(resolve_device(device)).eval(), history
     device = resolve_device(device)
     torch.manual_seed(seed)
     model = build_model(model_name, dataset.schema, **kwargs)
@@ -139,19 +193,24 @@ def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 300
     if "seed" in spec:
         settings["seed"] = int(spec["seed"])      # the user's seed (the trainer's is seed + fold)
     if checkpoint is not None and overwrite:
-        _remove_checkpoint(Path(checkpoint))
+        if _dist.rank() == 0:
+            _remove_checkpoint(Path(checkpoint))
+        _dist.barrier()
+    meta["num_processes"] = _dist.world_size()
     trainer = Trainer(model, seed=seed, device=device, batch_size=batch_size, lr=lr, checkpoint=checkpoint,
-                      checkpoint_every=checkpoint_every, progress=progress, metadata=meta, settings=settings)
+                      checkpoint_every=checkpoint_every, progress=progress, metadata=meta, settings=settings,
+                      desc=f"{spec.get('name') or dataset.name} fold {split.fold}")
     history = trainer.fit(split.train, steps)
     return model, history
 
 
+@small_work
 def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[int] = None, folds: int = 10,
                    steps: int = 3000, batch_size: int = 128, lr: float = 3e-3, num_samples: int = 1000,
                    device: Union[str, torch.device] = "cpu", seed: int = 0, out: Optional[Union[str, Path]] = None,
                    progress: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None,
                    data_spec: Optional[Mapping[str, Any]] = None, checkpoint_every: int = 500,
-                   overwrite: bool = False) -> xr.Dataset:
+                   overwrite: bool = False, num_processes: int = 1) -> xr.Dataset:
     """Train and evaluate ``model_name`` on the first ``splits`` of ``folds`` seeded K-fold splits (METHODS §8).
 
     Args:
@@ -168,6 +227,9 @@ def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[i
             call's.
         checkpoint_every: steps between checkpoint writes.
         overwrite: delete the previous outputs in ``out`` (:func:`remove_run_outputs`) and retrain.
+        num_processes: data-parallel training processes per fold (see :func:`fit_split`); rank 0 evaluates and
+            writes ``results.nc`` / ``results.md`` (attributes ``num_processes``, ``device``, ``device_name``) and
+            every rank returns the same results.
 
     Returns:
         the per-split metrics as an ``xarray.Dataset`` (see :func:`~ppl_vae.infer.evaluation.results_dataset`).
@@ -179,6 +241,14 @@ def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[i
         NonFiniteLossError, TrainingInterrupted: see :class:`~ppl_vae.infer.svi.Trainer`.
     """
     _check_table_model(model_name)
+    if _spawn_needed(num_processes):
+        return _dist.launch(_run_experiment_worker, int(num_processes), model_name, dataset,
+                            dict(splits=splits, folds=folds, steps=steps, batch_size=batch_size, lr=lr,
+                                 num_samples=num_samples, device=device, seed=seed, out=out, progress=progress,
+                                 model_kwargs=model_kwargs, data_spec=data_spec, checkpoint_every=checkpoint_every,
+                                 overwrite=overwrite),
+                            backend=_dist.backend_for(resolve_device(device)), start_method="spawn",
+                            timeout=float("inf"))[0]
     splits = folds if splits is None else int(splits)
     if not 1 <= splits <= max(folds, 1):
         raise PplVaeError(f"--splits must be between 1 and --folds={folds}, got {splits}")
@@ -187,18 +257,24 @@ def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[i
     spec.update({"folds": int(folds), "seed": int(seed)})
     out = Path(out) if out is not None else None
     if out is not None and overwrite:
-        remove_run_outputs(out)
+        if _dist.rank() == 0:
+            remove_run_outputs(out)
+        _dist.barrier()
     per_split = []
     for split in dataset.splits(n_splits=folds, seed=seed)[:splits]:
         ckpt = out / f"fold{split.fold}" / "checkpoint.pt" if out is not None else None
         model, _ = fit_split(model_name, dataset, split, steps=steps, batch_size=batch_size, lr=lr, device=device,
                              seed=seed + split.fold, checkpoint=ckpt, progress=progress, model_kwargs=model_kwargs,
                              data_spec=spec, checkpoint_every=checkpoint_every)
-        per_split.append(evaluate_split(model, split, num_samples=num_samples, device=device, seed=seed))
+        metrics = None
+        if _dist.rank() == 0:  # rank 0 evaluates; the others receive its metrics
+            metrics = evaluate_split(model, split, num_samples=num_samples, device=device, seed=seed)
+        per_split.append(_dist.broadcast_object(metrics))
     results = results_dataset(per_split, model_name, dataset.name,
                               attrs={"folds": folds, "steps": steps, "num_samples": num_samples, "seed": seed,
-                                     "device": str(device)})
-    if out is not None:
+                                     "device": str(device), "device_name": _device_name(device),
+                                     "num_processes": _dist.world_size()})
+    if out is not None and _dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / "results.nc", lambda tmp: results.to_netcdf(tmp, engine="scipy"))
         _atomic_write(out / "results.md",
@@ -206,6 +282,7 @@ def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[i
     return results
 
 
+@small_work
 def evaluate_checkpoint(path: Union[str, Path], *, num_samples: int = 1000, device: Union[str, torch.device] = "cpu",
                         dataset: Optional[TableDataset] = None) -> dict:
     """Re-evaluate a checkpoint written by :func:`fit_split`/:func:`run_experiment` on its own test split.
@@ -220,7 +297,7 @@ def evaluate_checkpoint(path: Union[str, Path], *, num_samples: int = 1000, devi
     spec = meta.get("data") or {}
     if dataset is None:
         dataset = resolve_dataset(spec.get("name") if not spec.get("csv") else None, csv=spec.get("csv"),
-                                  target=spec.get("target"))
+                                  target=spec.get("target"), csv_options=spec.get("csv_options"))
     split = dataset.splits(n_splits=spec.get("folds", 10), seed=spec.get("seed", 0))[meta.get("fold", 0)]
     model = load_model(payload, map_location=device)
     return evaluate_split(model, split, num_samples=num_samples, device=device, seed=spec.get("seed", 0))

@@ -54,3 +54,76 @@ def test_refined_guide_overhead_smoke():
     ratios = [r[k] for r in result.values() for k in keys]
     assert set(result) == {1, 16} and len(ratios) == 8
     assert all(0.2 < r < 10.0 for r in ratios)   # the same arithmetic: within a small factor even in smoke
+
+
+def test_saia_smoke(tmp_path):
+    bench = load_benchmark("saia")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "saia_smoke.md").read_text()
+    for run in ("hmc-vaem + mi", "vaem + eddi", "vaem + random"):
+        assert f"| yacht | {run} |" in table
+    assert "nan" not in table.lower() and (tmp_path / "saia_smoke.nc").exists()
+
+
+def test_scaling_smoke(tmp_path):
+    """benchmarks/scaling.py --smoke: 1 and 2 CPU processes (gloo), the all-reduce size and the 8-GPU projection."""
+    bench = load_benchmark("scaling")
+    out = tmp_path / "scaling.md"
+    rows = bench.main(["--smoke", "--out", str(out)])
+    one, two = (next(r for r in rows if r["processes"] == n) for n in (1, 2))
+    assert one["bytes_per_step"] == 0 and two["bytes_per_step"] >= 4 * one["params"]   # every gradient, float32
+    assert two["rows_per_s"] > 0 and two["pure_allreduce_s"] > 0
+    text = out.read_text()
+    assert "| vae | cpu | 2 | 32 |" in text and "Projection for 8 GPUs" in text and "nan" not in text.lower()
+
+
+def test_run_on_gpu_script_is_valid_bash_and_covers_the_gpu_session():
+    import subprocess
+
+    script = ROOT / "benchmarks" / "run_on_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for needed in ("-m gpu", "--device cuda", "import pyro", "hh-vaem", "uci_table.py", "hmc_2d.py", "scaling.py"):
+        assert needed in text, needed
+    assert "pip install" not in text.replace("'pip install", "")   # nothing is installed by the script
+
+
+def test_imputation_race_smoke(tmp_path):
+    bench = load_benchmark("imputation_race")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "imputation_race_smoke.md").read_text()
+    for method in ("ours:vae", "mean", "mice-bayesridge", "missforest-extratrees", "hist-gradient-boosting"):
+        assert f"| yacht | {method} |" in table
+    assert (tmp_path / "imputation_race_smoke.nc").exists() and (tmp_path / "imputation_race_smoke.png").exists()
+    import numpy as np
+    draws = np.random.default_rng(0).normal(size=(4000, 3))
+    crps = bench.crps_from_draws(draws, np.zeros(3))          # CRPS of N(0, 1) at 0: (sqrt(2) - 1) / sqrt(pi)
+    assert np.allclose(crps, (np.sqrt(2) - 1) / np.sqrt(np.pi), atol=0.02)
+
+
+def test_threads_benchmark_smoke(tmp_path):
+    bench = load_benchmark("threads")
+    result = bench.main(["--smoke", "--out", str(tmp_path / "threads.md")])
+    assert set(result) == {"airquality VAE training", "2-D HMCSampler fit (wave)"}
+    assert "package default / best" in (tmp_path / "threads.md").read_text()
+
+
+def test_uci_table_smoke_writes_both_protocols_netcdf_and_plot(tmp_path):
+    import numpy as np
+    import xarray as xr
+    bench = load_benchmark("uci_table")
+    assert bench.main(["--smoke", "--models", "miwae", "hh-vae", "--out", str(tmp_path), "--name", "t"]) == 0
+    ds = xr.open_dataset(tmp_path / "t.nc", engine="scipy")
+    assert list(ds.protocol.values) == ["paper", "default"] and list(ds.model.values) == ["miwae", "hh-vae"]
+    assert np.isfinite(ds["imputation_nll"].values).all() and np.isfinite(ds["seconds_per_split"].values).all()
+    table = (tmp_path / "t.md").read_text()
+    assert "paper protocol" in table and "our default" in table and "| yacht | hh-vae |" in table
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_mnist_table_smoke(tmp_path):
+    bench = load_benchmark("mnist_table")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "mnist_table_smoke.md").read_text()
+    assert "| vae |" in table and "| hh-vae |" in table and "trained on" in table
+    assert "nan" not in table.lower()

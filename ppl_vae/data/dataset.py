@@ -7,24 +7,29 @@ per split (:meth:`TableDataset.splits`), with the :class:`Normaliser` fitted on 
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import KFold, train_test_split
 
-from ppl_vae.data.schema import (LIKELIHOODS, Column, TableSchema, infer_schema,
-                                 sorted_categories, to_python_scalar)
+from ppl_vae.data.schema import (DISCRETE_LIKELIHOODS, LIKELIHOODS, Column, SchemaWarning, TableSchema,
+                                 check_dtypes, column_warnings, infer_schema, sorted_categories, to_python_scalar)
 from ppl_vae.data.tables import Split, TensorTable, seed_for
 from ppl_vae.data.transforms import Normaliser
 from ppl_vae.errors import DataError, SchemaError, UnknownNameError
 
-__all__ = ["TableDataset", "from_dataframe", "from_csv", "validate_table"]
+__all__ = ["TableDataset", "from_dataframe", "from_csv", "validate_table", "load_schema_file", "sniff_delimiter",
+           "read_table_csv"]
 
 
 @dataclass
@@ -259,27 +264,200 @@ def validate_table(features: pd.DataFrame, target: Optional[pd.Series], schema: 
     return TableSchema(feats, tcol)
 
 
+def _parse_overrides(spec: Mapping[str, Any]) -> tuple[dict, Optional[str], list]:
+    """``{"columns": {...}, "target": name, "drop": [...]}`` -> ``(overrides {name: Column-or-likelihood dict},
+    target, drop)``. Raises :class:`SchemaError` on unknown keys or malformed entries."""
+    allowed = {"columns", "target", "drop"}
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise SchemaError(f"schema file: unknown key(s) {extra}; a full schema has 'features' (and 'target'), an "
+                          "override has 'columns', 'target', 'drop'")
+    cols = spec.get("columns") or {}
+    if not isinstance(cols, Mapping):
+        raise SchemaError(f"schema 'columns' must map column name -> likelihood, got {type(cols).__name__}")
+    out = {}
+    for name, entry in cols.items():
+        if isinstance(entry, str):
+            entry = {"likelihood": entry}
+        if not isinstance(entry, Mapping) or "likelihood" not in entry:
+            raise SchemaError(f"schema column {name!r}: give a likelihood name or {{'likelihood': ..., "
+                              f"'categories': [...]}}, got {entry!r}")
+        if entry["likelihood"] not in LIKELIHOODS:
+            raise UnknownNameError("likelihood", f"{entry['likelihood']} (column {name!r})", LIKELIHOODS)
+        out[str(name)] = dict(entry)
+    drop = spec.get("drop") or []
+    if isinstance(drop, str):
+        drop = [drop]
+    target = spec.get("target")
+    return out, None if target is None else str(target), [str(d) for d in drop]
+
+
+def _infer_with_overrides(feats: pd.DataFrame, tgt: Optional[pd.Series], overrides: Mapping[str, dict],
+                          max_categories: int, target_likelihood: Optional[str], warn: bool) -> TableSchema:
+    """Infer the columns not named in ``overrides``; declare the named ones (categories read later from the data
+    when not given)."""
+    rest = [c for c in feats.columns if c not in overrides]
+    tname = None if tgt is None else tgt.name
+    t_over = overrides.get(tname) if tname is not None else None
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", SchemaWarning)
+        inferred = infer_schema(feats[rest], tgt if t_over is None else None, max_categories=max_categories,
+                                target_likelihood=target_likelihood, warn=warn)
+    by_name = {c.name: c for c in inferred.features}
+    cols = []
+    for c in feats.columns:
+        if c in overrides:
+            o = overrides[c]
+            cats = o.get("categories")
+            cols.append(Column(c, o["likelihood"], None if cats is None else tuple(cats)))
+        else:
+            cols.append(by_name[c])
+    tcol = inferred.target
+    if t_over is not None:
+        cats = t_over.get("categories")
+        tcol = Column(tname, t_over["likelihood"], None if cats is None else tuple(cats))
+    return TableSchema(cols, tcol)
+
+
+def load_schema_file(path: str | os.PathLike) -> dict:
+    """Read a schema file: JSON always; YAML (``.yaml`` / ``.yml``) when PyYAML is installed.
+
+    The file holds either a full schema (``TableSchema.to_dict()``: ``{"features": [...], "target": ...}``) or an
+    override ``{"columns": {name: likelihood, ...}, "target": name, "drop": [names]}``; see :func:`from_dataframe`.
+
+    Raises:
+        SchemaError: unreadable file, malformed JSON/YAML, YAML without PyYAML, or a file that is not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SchemaError(f"cannot read schema file {str(path)!r}: {e}") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml  # optional
+        except ImportError:
+            raise SchemaError(f"schema file {str(path)!r} is YAML but PyYAML is not installed (pip install pyyaml), "
+                              "or write it as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SchemaError(f"cannot parse schema YAML {str(path)!r}: {e}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"cannot parse schema JSON {str(path)!r}: {e}") from e
+    if not isinstance(data, Mapping):
+        raise SchemaError(f"schema file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+#: delimiters :func:`sniff_delimiter` chooses from
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def sniff_delimiter(path: str | os.PathLike, sample_bytes: int = 65536) -> str:
+    """The field delimiter of a delimited text file: the one of :data:`DELIMITERS` that splits the first lines
+    into the same, largest number of fields (``csv.Sniffer`` as a tie-break); ``","`` when nothing splits.
+
+    Raises:
+        DataError: the file cannot be read.
+    """
+    try:
+        with open(path, "r", newline="", errors="replace") as fh:
+            sample = fh.read(sample_bytes)
+    except OSError as e:
+        raise DataError(f"cannot read CSV {str(path)!r}: {e}") from e
+    lines = [ln for ln in sample.splitlines()[:50] if ln.strip()]
+    if len(lines) > 1 and not sample.endswith("\n") and len(sample) >= sample_bytes:
+        lines = lines[:-1]  # a cut-off last line
+    if not lines:
+        return ","
+    best, best_fields = ",", 1
+    for d in DELIMITERS:
+        try:
+            counts = {len(r) for r in csv.reader(io.StringIO("\n".join(lines)), delimiter=d)}
+        except csv.Error:
+            continue
+        if len(counts) == 1 and (n := counts.pop()) > best_fields:
+            best, best_fields = d, n
+    if best_fields == 1:
+        try:
+            return csv.Sniffer().sniff("\n".join(lines), delimiters="".join(DELIMITERS)).delimiter
+        except csv.Error:
+            return ","
+    return best
+
+
+def _header_duplicates(path: Path, sep: str, read_csv_kwargs: Mapping[str, Any]) -> list:
+    """Names that appear more than once in the header line (``pandas.read_csv`` would rename them ``a.1``)."""
+    if read_csv_kwargs.get("header", "infer") not in ("infer", 0) or "names" in read_csv_kwargs:
+        return []
+    try:
+        with open(path, "r", newline="", errors="replace", encoding=read_csv_kwargs.get("encoding")) as fh:
+            header = next(csv.reader(fh, delimiter=sep), [])
+    except (OSError, csv.Error, StopIteration):
+        return []
+    header = [h.strip() for h in header]
+    return sorted({h for h, k in Counter(header).items() if k > 1 and h})
+
+
+def read_table_csv(path: str | os.PathLike, sep: Optional[str] = None, na_values: Sequence[str] | str | None = None,
+                   **read_csv_kwargs: Any) -> pd.DataFrame:
+    """Read a delimited file as a frame the way :func:`from_csv` does (without building a data set): the delimiter
+    sniffed when ``sep`` is ``None`` (:func:`sniff_delimiter`), ``na_values`` tokens read as missing (added to
+    pandas' defaults; a comma-separated string is split), duplicated header names refused.
+
+    Raises:
+        DataError: unreadable / unparsable file, duplicated column names in the header.
+    """
+    path = Path(path)
+    if sep is None:
+        sep = sniff_delimiter(path)
+    if isinstance(na_values, str):
+        na_values = [t for t in (v.strip() for v in na_values.split(",")) if t]
+    kwargs = dict(read_csv_kwargs)
+    if na_values:
+        kwargs["na_values"] = list(na_values)
+    dup = _header_duplicates(path, sep, kwargs)
+    if dup:
+        raise DataError(f"duplicated column name(s) in the header of {str(path)!r}: {dup}; rename them")
+    try:
+        return pd.read_csv(path, sep=sep, **kwargs)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"cannot read CSV {str(path)!r}: {e}") from e
+
+
 def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSchema | dict | None = None,
-                   name: str = "user", max_categories: int = 10, target_likelihood: str | None = None) -> TableDataset:
+                   name: str = "user", max_categories: int = 10, target_likelihood: str | None = None,
+                   drop: Sequence[str] | None = None, warn: bool = True) -> TableDataset:
     """Validate a user's table and wrap it as a :class:`TableDataset` (original domain; NaN = missing).
 
     Column names are converted to ``str`` and rows re-indexed ``0..N-1``. Rows whose target is NaN are kept
     (their ``y_mask`` is ``False``). Without a schema, :func:`~ppl_vae.data.schema.infer_schema` applies the
-    METHODS §1 rules; with one, its feature columns must match the frame exactly (any order; the data set uses the
-    schema order), and missing discrete categories are read from the data.
+    METHODS §1 rules (and warns, :class:`~ppl_vae.data.schema.SchemaWarning`, on mostly-numeric text, identifier
+    and date-like columns); with one, its feature columns must match the frame exactly (any order; the data set
+    uses the schema order), and missing discrete categories are read from the data.
 
     Args:
         df: the table, features and (optionally) the target column.
         target: name of the target column; when ``None`` the schema's target (if any) is used, else no target.
-        schema: a :class:`TableSchema`, its ``to_dict()`` form, or ``None`` (infer).
+        schema: a :class:`TableSchema` or its ``to_dict()`` form (every column declared), an *override* dict
+            ``{"columns": {name: likelihood or {"likelihood", "categories"}}, "target": name, "drop": [names]}``
+            (the named columns as declared, every other column inferred), or ``None`` (infer everything).
         name: data set name.
         max_categories: discreteness threshold for inference (METHODS §1).
         target_likelihood: override the target likelihood (inference only; with a schema declare it there).
+        drop: columns to remove before anything else (e.g. an identifier column the inference warned about).
+        warn: emit the inference warnings (``False`` silences them).
 
     Raises:
         DataError: ``df`` not a DataFrame, no rows, no feature column besides the target, duplicated column
             names, target not a column (message lists the columns), a column (or the target) entirely NaN, +/-inf
-            anywhere, a constant column when inferring.
+            anywhere, a constant column when inferring, a datetime / timedelta column, a ``drop`` name that is not
+            a column.
         SchemaError: schema feature names that do not match the frame (names the missing and extra columns),
             a schema target that differs from ``target``, a non-numeric column declared gaussian / loggaussian /
             poisson, negative values in a loggaussian / poisson column, values outside declared categories.
@@ -295,6 +473,17 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
     df = df.reset_index(drop=True)
     if len(df) == 0:
         raise DataError(f"the table has no rows (only the header {list(df.columns)})")
+    overrides: dict = {}
+    if isinstance(schema, Mapping) and "features" not in schema:
+        overrides, spec_target, spec_drop = _parse_overrides(schema)
+        target = target if target is not None else spec_target
+        drop = list(drop or []) + [c for c in spec_drop if c not in (drop or [])]
+        schema = None
+    if drop:
+        unknown = [c for c in drop if str(c) not in df.columns]
+        if unknown:
+            raise DataError(f"cannot drop {unknown}: not column(s) of the table; columns are {list(df.columns)}")
+        df = df.drop(columns=[str(c) for c in drop])
     if isinstance(schema, Mapping):
         schema = TableSchema.from_dict(schema)
     elif schema is not None and not isinstance(schema, TableSchema):
@@ -315,13 +504,26 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
     if feats.shape[1] == 0:
         raise DataError(f"the table has no feature columns besides the target {target!r}; a model needs at least one"
                         if target is not None else "the table has no columns")
+    unknown = [c for c in overrides if c not in df.columns]
+    if unknown:
+        raise SchemaError(f"schema override names column(s) {unknown} that are not in the table; columns are "
+                          f"{list(df.columns)}")
+    check_dtypes(feats)
+    if tgt is not None:
+        check_dtypes(tgt.to_frame(), "target column")
     for c in feats.columns:
         _check_finite_and_present(feats[c], "column")
     if tgt is not None:
         _check_finite_and_present(tgt, "target column")
 
-    if schema is None:
-        schema = infer_schema(feats, tgt, max_categories=max_categories, target_likelihood=target_likelihood)
+    if schema is None and overrides:
+        schema = _infer_with_overrides(feats, tgt, overrides, max_categories, target_likelihood, warn)
+    elif schema is None:
+        with warnings.catch_warnings():
+            if not warn:
+                warnings.simplefilter("ignore", SchemaWarning)
+            schema = infer_schema(feats, tgt, max_categories=max_categories, target_likelihood=target_likelihood,
+                                  warn=warn)
     else:
         if set(schema.feature_names) != set(feats.columns):
             raise SchemaError(_name_mismatch(schema.feature_names, list(feats.columns)))
@@ -335,27 +537,30 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
 
 
 def from_csv(path: str | os.PathLike, target: str | None = None, schema=None, name: str | None = None,
-             **read_csv_kwargs: Any) -> TableDataset:
-    """Read a CSV (``pandas.read_csv``; empty cells = missing) and pass it to :func:`from_dataframe`.
+             sep: Optional[str] = None, na_values: Sequence[str] | str | None = None,
+             drop: Sequence[str] | None = None, warn: bool = True, **read_csv_kwargs: Any) -> TableDataset:
+    """Read a delimited text file (:func:`read_table_csv`: delimiter sniffed unless ``sep`` is given, empty cells
+    and ``na_values`` tokens = missing) and pass it to :func:`from_dataframe`.
 
     Args:
         path: CSV file.
-        target: target column name (or ``None``).
-        schema: :class:`TableSchema`, dict, path to a JSON file holding ``TableSchema.to_dict()``, or ``None``.
+        target: target column name (or ``None``; an override schema may name it).
+        schema: :class:`TableSchema`, dict (full or override, see :func:`from_dataframe`), a path to a JSON (or,
+            with PyYAML, YAML) file holding one (:func:`load_schema_file`), or ``None``.
         name: data set name (default: the file stem).
+        sep: field delimiter; ``None`` sniffs it among ``, ; tab |``.
+        na_values: extra tokens that mean "missing" (``["missing", "?"]`` or ``"missing,?"``).
+        drop: columns to remove before inference.
+        warn: emit the schema-inference warnings.
         **read_csv_kwargs: passed to ``pandas.read_csv``.
 
     Raises:
-        DataError: the file cannot be read; plus everything :func:`from_dataframe` raises.
+        DataError: the file cannot be read, duplicated header names; plus everything :func:`from_dataframe` raises.
+        SchemaError: an unreadable or malformed schema file.
     """
     path = Path(path)
-    try:
-        df = pd.read_csv(path, **read_csv_kwargs)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read CSV {str(path)!r}: {e}") from e
+    df = read_table_csv(path, sep=sep, na_values=na_values, **read_csv_kwargs)
     if isinstance(schema, (str, os.PathLike)):
-        try:
-            schema = json.loads(Path(schema).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SchemaError(f"cannot read schema JSON {str(schema)!r}: {e}") from e
-    return from_dataframe(df, target=target, schema=schema, name=name or path.stem.split(".")[0])
+        schema = load_schema_file(schema)
+    return from_dataframe(df, target=target, schema=schema, name=name or path.stem.split(".")[0], drop=drop,
+                          warn=warn)

@@ -14,9 +14,22 @@ reference rules of the HH-VAEM / VAEM code (Peis et al. 2022, Ma et al. 2020):
 The target is ``gaussian`` for regression (never ``loggaussian``) and ``bernoulli`` / ``categorical`` for
 classification (non-numeric, or fewer than ``max_categories`` integer-valued levels). ``poisson`` is never inferred;
 declare it explicitly.
+
+Inference also guards against the usual ways a real table is misread (issue 12), with a :class:`SchemaWarning`
+(``warnings.warn``) that names the column and says what to do:
+
+- a text column whose observed values are mostly numbers (a numeric column with a text NA token such as
+  ``"missing"`` or ``"?"``): the warning names the non-numeric tokens, to be passed as ``na_values``;
+- an identifier-like column: one distinct text value per row, or integers ``k, k+1, ..., k+N-1`` (row numbers);
+- a text column of dates or times (``2024-05-01``, ``05/01/2024``, ``12:30``).
+
+and refuses (:class:`~ppl_vae.errors.DataError`) datetime / timedelta dtypes, whose values have no likelihood here.
+:func:`format_schema` renders a schema for the command line (column -> likelihood, levels).
 """
 from __future__ import annotations
 
+import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
@@ -27,7 +40,8 @@ import pandas as pd
 from ppl_vae.errors import DataError, SchemaError, UnknownNameError
 
 __all__ = ["LIKELIHOODS", "DISCRETE_LIKELIHOODS", "REAL_LIKELIHOODS", "Column", "TableSchema", "infer_schema",
-           "sorted_categories", "to_python_scalar"]
+           "sorted_categories", "to_python_scalar", "SchemaWarning", "column_warnings", "check_dtypes",
+           "format_schema"]
 
 #: Every per-column likelihood the package knows (METHODS §1).
 LIKELIHOODS: tuple[str, ...] = ("gaussian", "loggaussian", "bernoulli", "categorical", "poisson")
@@ -186,6 +200,98 @@ class TableSchema:
                    None if target is None else Column.from_dict(target))
 
 
+class SchemaWarning(UserWarning):
+    """A column that schema inference accepted but that is probably misread (mostly-numeric text, an identifier,
+    dates as text). The message names the column and the fix."""
+
+
+#: share of numeric observed values above which a text column is reported as "mostly numeric"
+MOSTLY_NUMERIC = 0.5
+_DATE_RE = re.compile(r"^\s*(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|\d{1,2}:\d{2})"
+                      r"([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?\s*$")
+
+
+def check_dtypes(frame: pd.DataFrame, what: str = "column") -> None:
+    """Refuse columns whose dtype has no likelihood: datetime64 (with or without time zone), timedelta64, period
+    and interval dtypes.
+
+    Raises:
+        DataError: naming the first such column, its dtype and the usual conversion.
+    """
+    for name in frame.columns:
+        dt = frame[name].dtype
+        kind = ("datetime" if pd.api.types.is_datetime64_any_dtype(dt) else
+                "timedelta" if pd.api.types.is_timedelta64_dtype(dt) else
+                "period" if isinstance(dt, pd.PeriodDtype) else
+                "interval" if isinstance(dt, pd.IntervalDtype) else None)
+        if kind is not None:
+            hint = ("convert it to a number, e.g. (df[c] - df[c].min()).dt.days or df[c].dt.dayofyear, or drop it"
+                    if kind in ("datetime", "period") else
+                    "convert it to a number, e.g. df[c].dt.total_seconds(), or drop it")
+            raise DataError(f"{what} {name!r} has dtype {dt}: {kind} values cannot be modelled; {hint}")
+
+
+def column_warnings(s: pd.Series, max_tokens: int = 5) -> list[str]:
+    """Reasons to doubt how column ``s`` will be read (empty list when none); see the module docstring.
+
+    Args:
+        s: one column of original values (NaN = missing).
+        max_tokens: at most this many offending tokens are named.
+
+    Returns:
+        A list of one-line messages, each naming the column.
+    """
+    out: list[str] = []
+    obs = s.dropna()
+    n = len(obs)
+    if n == 0:
+        return out
+    name = s.name
+    if _is_numeric(s):
+        if pd.api.types.is_integer_dtype(s.dtype) and n >= 10:
+            v = np.sort(obs.to_numpy(dtype=np.int64))
+            if len(np.unique(v)) == n and v[-1] - v[0] == n - 1:
+                out.append(f"column {name!r} holds the integers {v[0]}..{v[-1]}, one per row: it looks like a row "
+                           "number or identifier and would be modelled as a number; drop it")
+        return out
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return out
+    text = obs.astype(str).str.strip()
+    num = pd.to_numeric(text, errors="coerce")
+    is_num = num.notna().to_numpy()
+    if is_num.any() and not is_num.all() and is_num.mean() >= MOSTLY_NUMERIC:
+        tokens = list(dict.fromkeys(text[~is_num].tolist()))
+        shown = ", ".join(repr(t) for t in tokens[:max_tokens]) + (", ..." if len(tokens) > max_tokens else "")
+        out.append(f"column {name!r} is {100 * is_num.mean():.0f}% numbers but also holds the text {shown}: it is "
+                   f"read as a {obs.nunique()}-level category; if these mark missing values pass them as na_values "
+                   f"(CLI: --na-values {','.join(str(t) for t in tokens[:max_tokens])})")
+    uniq = pd.unique(text.to_numpy())
+    dates = np.array([bool(_DATE_RE.match(str(u))) for u in uniq[:200]])
+    if dates.size and dates.mean() >= 0.8:
+        out.append(f"column {name!r} holds dates or times as text (e.g. {str(uniq[0])!r}): they would be modelled "
+                   "as a categorical; convert them to a number (e.g. days since the first date) or drop the column")
+    elif len(uniq) == n and n >= 10 and is_num.mean() < MOSTLY_NUMERIC:
+        out.append(f"column {name!r} has a different value in every row ({n} levels in {n} rows): it looks like an "
+                   "identifier and would be modelled as a huge categorical; drop it")
+    return out
+
+
+def format_schema(schema: "TableSchema", max_levels: int = 8) -> str:
+    """The schema as aligned text lines, one per column: ``name  likelihood  [K levels: a, b, ...]``, the target
+    marked ``(target)``. Used by ``ppl-vae run|fit`` to show what was inferred."""
+    cols = [(c, False) for c in schema.features] + ([(schema.target, True)] if schema.target is not None else [])
+    width = max(len(str(c.name)) for c, _ in cols) + 2
+    lines = []
+    for c, is_target in cols:
+        extra = ""
+        if c.categories is not None:
+            levels = ", ".join(str(v) for v in c.categories[:max_levels])
+            more = ", ..." if len(c.categories) > max_levels else ""
+            extra = f"  {len(c.categories)} levels: {levels}{more}"
+        lines.append(f"  {str(c.name):<{width}}{c.likelihood:<12}{extra}{'  (target)' if is_target else ''}")
+    return "\n".join(lines)
+
+
 def _is_numeric(s: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(s.dtype) and not isinstance(s.dtype, pd.CategoricalDtype)
 
@@ -217,7 +323,7 @@ def _infer_column(s: pd.Series, max_categories: int, is_target: bool = False) ->
 
 
 def infer_schema(features: pd.DataFrame, target: pd.Series | None = None, max_categories: int = 10,
-                 target_likelihood: str | None = None) -> TableSchema:
+                 target_likelihood: str | None = None, warn: bool = True) -> TableSchema:
     """Infer one likelihood per column with the METHODS §1 rules (reference HH-VAEM / VAEM code).
 
     Args:
@@ -226,17 +332,30 @@ def infer_schema(features: pd.DataFrame, target: pd.Series | None = None, max_ca
         max_categories: a column with fewer distinct observed values is discrete (default 10, as the reference).
         target_likelihood: override the inferred target likelihood (e.g. ``"gaussian"`` for an integer-valued
             regression target such as wine quality). Discrete overrides read their categories from the data.
+        warn: issue a :class:`SchemaWarning` for every column :func:`column_warnings` doubts (mostly-numeric text,
+            identifiers, dates as text).
 
     Returns:
         A :class:`TableSchema` whose features follow ``features.columns`` order. Discrete columns carry their sorted
         distinct original values as categories.
 
     Raises:
-        DataError: a column (feature or target) that is all NaN, or has a single distinct value.
+        DataError: a column (feature or target) that is all NaN, or has a single distinct value; a datetime /
+            timedelta column (:func:`check_dtypes`).
         UnknownNameError: ``target_likelihood`` not in :data:`LIKELIHOODS`.
     """
     if not isinstance(features, pd.DataFrame):
         raise DataError(f"features must be a pandas DataFrame, got {type(features).__name__}")
+    check_dtypes(features)
+    if target is not None:
+        check_dtypes(target.to_frame(), "target column")
+    if warn:
+        for c in features.columns:
+            for msg in column_warnings(features[c]):
+                warnings.warn(msg, SchemaWarning, stacklevel=2)
+        if target is not None and target_likelihood is None:
+            for msg in column_warnings(target):
+                warnings.warn(msg.replace("column", "target column", 1), SchemaWarning, stacklevel=2)
     cols = [_infer_column(features[c], max_categories) for c in features.columns]
     tcol = None
     if target is not None:

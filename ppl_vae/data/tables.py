@@ -17,7 +17,8 @@ import torch
 from ppl_vae.data.transforms import Normaliser
 from ppl_vae.models.base import Batch
 
-__all__ = ["TensorTable", "Split", "sample_train_mask", "RHO_LOW", "RHO_HIGH", "seed_for"]
+__all__ = ["TensorTable", "Split", "sample_train_mask", "RHO_LOW", "RHO_HIGH", "seed_for",
+           "require_batch", "require_split"]
 
 #: Bounds of the per-row train-time missing rate ``rho ~ U(RHO_LOW, RHO_HIGH)`` (METHODS §8).
 RHO_LOW, RHO_HIGH = 0.01, 0.99
@@ -208,3 +209,33 @@ class Split:
     def hidden_mask(self) -> torch.Tensor:
         """``(N_test, D)`` bool: entries observed in the data but hidden at test time (the imputation targets U)."""
         return self.test_mask & self.test.x_mask
+
+
+def require_batch(obj, where: str) -> Batch:
+    """``obj`` if it is a :class:`~ppl_vae.models.base.Batch`, else a :class:`TypeError` saying what to pass
+    instead (a DataFrame goes to ``ppl_vae.impute``/``predict``; a Split's tensors are ``split.test_input()``).
+    For functions that take normalised tensors."""
+    if isinstance(obj, Batch):
+        return obj
+    kind = type(obj).__name__
+    if kind in ("DataFrame", "Series", "TableDataset"):
+        hint = ("for a table in original units use ppl_vae.impute(trained, df) / ppl_vae.predict(trained, df); "
+                "for normalised tensors pass dataset.to_table().batch() or split.test_input()")
+    elif isinstance(obj, Split):
+        hint = "pass split.test_input() (test rows, hidden cells masked) or split.train.batch()"
+    elif isinstance(obj, TensorTable):
+        hint = "pass table.batch()"
+    else:
+        hint = "build one with ppl_vae.data.TensorTable.from_arrays(x, y, index).batch()"
+    raise TypeError(f"{where} expects a ppl_vae Batch (normalised tensors), got {kind}; {hint}")
+
+
+def require_split(obj, where: str) -> "Split":
+    """``obj`` if it is a :class:`Split`, else a :class:`TypeError` saying what to pass instead (for functions that
+    evaluate on a split, e.g. ``evaluate_split``)."""
+    if isinstance(obj, Split):
+        return obj
+    kind = type(obj).__name__
+    hint = ("pass one of dataset.splits(n_splits=10, seed=0)" if kind in ("TableDataset", "DataFrame") else
+            "build splits with ppl_vae.from_dataframe(df, target=...).splits()")
+    raise TypeError(f"{where} expects a ppl_vae.data.Split, got {kind}; {hint}")

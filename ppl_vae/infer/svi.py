@@ -12,13 +12,23 @@ removed on start, and :meth:`Trainer.fit` resumes bit-identically from a checkpo
 While :meth:`Trainer.fit` runs, SIGINT/SIGTERM finish the current step, write a checkpoint and raise
 :class:`~ppl_vae.errors.TrainingInterrupted`; a non-finite loss (or Pyro's validation error on a NaN parameter)
 raises :class:`~ppl_vae.errors.NonFiniteLossError` naming stage and step.
+
+Data-parallel training (:mod:`ppl_vae.infer.distributed`): when a ``torch.distributed`` process group with
+``W > 1`` processes is initialised (``torchrun``, ``ppl-vae run --num-processes W``), every process holds a replica,
+trains on its shard of each global batch of ``batch_size`` rows and wraps each stage's loss in
+:class:`~ppl_vae.infer.distributed.DistributedObjective`, which all-reduces the gradients of every parameter group
+before the optimiser step; Pyro's RNG is seeded per rank (:func:`~ppl_vae.infer.distributed.rank_seed`), the data
+loader's seed is shared; rank 0 writes checkpoints (with every rank's RNG state, so resuming is bit-identical) and
+shows progress; a signal received by any rank stops every rank at the same step.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import signal
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -31,6 +41,7 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from ppl_vae.errors import CheckpointError, NonFiniteLossError, PplVaeError, TrainingInterrupted
+from ppl_vae.infer import distributed as _dist
 from ppl_vae.infer.checkpoint import (check_settings, data_fingerprint, load_checkpoint, load_model,
                                       remove_orphaned_tmp, restore_param_store, restore_state, rng_state,
                                       save_checkpoint, set_rng_state)
@@ -68,6 +79,11 @@ class Trainer:
             are merged over the trainer's own ``model, config, seed, steps, lr, batch_size, clip_norm, data_sha256``.
         handle_signals: catch SIGINT/SIGTERM while :meth:`fit` runs (main thread only): the current step is
             finished, a checkpoint written, and :class:`~ppl_vae.errors.TrainingInterrupted` raised.
+        desc: prefix of the progress bar / log lines, e.g. ``"boston fold 3"`` (the bar reads
+            ``"boston fold 3 vae:elbo"``).
+        log_every: when the progress stream (stderr) is not a TTY (a log file, a pipe, CI), no bar is drawn and one
+            line ``"<desc> <model>:<stage> step t/T loss L ..."`` is written every ``log_every`` steps (default:
+            a tenth of the stage, at least 1) and at the end of each stage; ``0`` disables those lines.
 
     Raises:
         NonFiniteLossError: from :meth:`fit` when the loss becomes non-finite or a distribution parameter NaN
@@ -81,7 +97,8 @@ class Trainer:
                  batch_size: int = 128, lr: float = 1e-3, clip_norm: float = 10.0,
                  checkpoint: Optional[Union[str, Path]] = None, checkpoint_every: int = 500,
                  progress: bool = True, metadata: Optional[Mapping[str, Any]] = None,
-                 settings: Optional[Mapping[str, Any]] = None, handle_signals: bool = True):
+                 settings: Optional[Mapping[str, Any]] = None, handle_signals: bool = True,
+                 desc: Optional[str] = None, log_every: Optional[int] = None):
         self.model = model
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -96,12 +113,31 @@ class Trainer:
         self.metadata = dict(metadata or {})
         self.extra_settings = dict(settings or {})
         self.handle_signals = handle_signals
+        self.desc = desc
+        self.log_every = log_every
         self.history: list[dict] = []
+        #: data-parallel communication of the last :meth:`fit`: steps, bytes all-reduced per step, seconds in the
+        #: all-reduce (waiting for the slowest rank included); zeros for one process
+        self.comm_stats: dict = {"steps": 0, "bytes_per_step": 0, "seconds": 0.0}
         self._stop_signal: Optional[int] = None
         self._settings: dict = {}
 
     # ------------------------------------------------------------------ data
     def _batches(self, data: Any) -> Iterator[Batch]:
+        world = _dist.world_size()
+        if world == 1:
+            return self._local_batches(data)
+        # data parallel: every rank draws the same global stream (shared seed) and keeps its share
+        rank = _dist.rank()
+        if hasattr(data, "loader"):
+            stream = data.loader(self.batch_size, seed=self.seed, train_missingness=True)
+            return (b.to(self.device) for b in _dist.shard_batches(stream, rank, world, rows=True))
+        if isinstance(data, Batch):
+            shard = data[_dist.shard_slice(data.size, rank, world)]
+            return self._local_batches(shard)
+        return _dist.shard_batches(self._local_batches(data), rank, world, rows=False)
+
+    def _local_batches(self, data: Any) -> Iterator[Batch]:
         if hasattr(data, "loader"):
             return iter(data.loader(self.batch_size, seed=self.seed, train_missingness=True, device=self.device))
         if isinstance(data, Batch):
@@ -144,6 +180,8 @@ class Trainer:
         out = {"model": str(self.model.name), "config": self.model.config, "seed": self.seed, "steps": int(steps),
                "lr": self.lr, "batch_size": self.batch_size, "clip_norm": self.clip_norm,
                "data_sha256": data_fingerprint(data) if data is not None else None}
+        if _dist.world_size() > 1:  # recorded only when > 1, so single-process checkpoints keep their settings
+            out["num_processes"] = _dist.world_size()
         out.update(self.extra_settings)
         return out
 
@@ -155,11 +193,17 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint
         if path is None:
             return None
+        extra = {}
+        rng = rng_state()
+        if _dist.world_size() > 1:  # a collective: every rank calls save at the same step; rank 0 writes
+            extra = {"rng_ranks": _dist.gather_objects(rng), "num_processes": _dist.world_size()}
+            if _dist.rank() != 0:
+                return None
         return save_checkpoint(
             path, self.model, stage_index=int(stage_index), stage_step=int(stage_step), finished=bool(finished),
             optim_state=optim.get_state() if optim is not None else None, history=self.history,
-            rng=rng_state(), trainer={"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr},
-            settings=self._settings, metadata=self.metadata)
+            rng=rng, trainer={"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr},
+            settings=self._settings, metadata=self.metadata, **extra)
 
     def _resume_state(self) -> Optional[dict]:
         if self.checkpoint is None or not self.checkpoint.exists():
@@ -168,7 +212,10 @@ class Trainer:
         if state["model_name"] != self.model.name:
             raise CheckpointError(f"checkpoint {str(self.checkpoint)!r} holds a {state['model_name']!r} model, not "
                                   f"{self.model.name!r}; use --overwrite or another --out directory")
-        check_settings(self.checkpoint, state.get("settings"), self._settings)
+        stored, asked = state.get("settings"), self._settings
+        if stored and ("num_processes" in stored or "num_processes" in asked):  # absent means 1 process
+            stored, asked = {"num_processes": 1, **stored}, {"num_processes": 1, **asked}
+        check_settings(self.checkpoint, stored, asked)
         restore_state(self.model, state, self.device)
         return state
 
@@ -235,17 +282,20 @@ class Trainer:
 
         Raises:
             see the class docstring (NonFiniteLossError, StaleCheckpointError, CheckpointError, TrainingInterrupted).
+            TypeError: ``data`` is a whole data set, a split or a DataFrame (the message says what to pass instead).
         """
+        _check_data(data)
         with self._signals():
             return self._fit(data, steps, resume)
 
     def _fit(self, data: Any, steps: int, resume: bool) -> list[dict]:
         self.model.to(self.device)
-        if self.checkpoint is not None:
+        world, rank = _dist.world_size(), _dist.rank()
+        if self.checkpoint is not None and rank == 0:
             remove_orphaned_tmp(self.checkpoint)
         stages = self.model.training_stages(int(steps), self.lr)
         self._settings = self.settings(steps, data if hasattr(data, "x") else None)
-        pyro.set_rng_seed(self.seed)
+        pyro.set_rng_seed(_dist.rank_seed(self.seed, rank))
         state = self._resume_state() if resume else None
         start_stage, start_step = 0, 0
         if state is not None:
@@ -259,7 +309,12 @@ class Trainer:
         for _ in range(done):  # replay the seeded loader to the resumed position
             next(batches)
         if state is not None:
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks")
+            set_rng_state(ranks[rank] if world > 1 and ranks and len(ranks) == world else state["rng"])
+        if world > 1:
+            _dist.broadcast_module(self.model)  # identical replicas, whatever each process built
+        show = self.progress and rank == 0
+        tty = _isatty(sys.stderr)
         for si, stage in enumerate(stages):
             if si < start_stage:
                 continue
@@ -271,27 +326,42 @@ class Trainer:
                     optim.set_state(state["optim_state"])
                 if self._has_lazy_params(state):
                     batches = self._build_lazy_guide(stage, batches)
-            svi = SVI(stage.model, stage.guide, optim, stage.loss)
+            objective = None
+            if world > 1:  # all-reduce every parameter group's gradient before the optimiser step
+                objective = _dist.DistributedObjective(stage.loss, local_stop=lambda: self._stop_signal)
+            svi = SVI(stage.model, stage.guide, optim, objective if objective is not None else stage.loss)
             first = start_step if si == start_stage else 0
-            bar = tqdm(range(first, stage.steps), desc=f"{self.model.name}:{stage.name}", disable=not self.progress,
+            label = f"{self.model.name}:{stage.name}"
+            label = f"{self.desc} {label}" if self.desc else label
+            bar = tqdm(range(first, stage.steps), desc=label, disable=not (show and tty),
                        initial=first, total=stage.steps, dynamic_ncols=True, leave=False)
+            every = self._log_interval(stage.steps) if show and not tty else 0
+            started = time.perf_counter()
             running = None
             for t in bar:
                 if stage.on_step is not None:
                     stage.on_step(t)
                 batch = next(batches)
                 try:
-                    loss = svi.step(batch) / batch.size
+                    raw = svi.step(batch)
                 except ValueError as exc:
                     if isinstance(exc, PplVaeError) or not _is_invalid_parameter_error(exc):
                         raise
                     bar.close()
                     raise self._non_finite(stage.name, t, "a distribution parameter became NaN") from None
+                if objective is not None:  # the global batch's loss and statistics, the same on every rank
+                    self.comm_stats["steps"] += 1
+                    self.comm_stats["bytes_per_step"] = objective.last_bytes
+                    self.comm_stats["seconds"] += objective.last_comm_seconds
+                    loss = objective.last_loss / max(objective.last_rows, 1)
+                    stats, stop = objective.last_stats, objective.stop_signal
+                else:
+                    loss = raw / batch.size
+                    stats, stop = getattr(stage.loss, "last_stats", None), self._stop_signal
                 if not math.isfinite(loss):
                     bar.close()
                     raise self._non_finite(stage.name, t, f"loss {loss}")
                 record = {"stage": stage.name, "step": t, "loss": loss}
-                stats = getattr(stage.loss, "last_stats", None)
                 if stats:
                     record.update({k: float(v) for k, v in stats.items()})
                 self.history.append(record)
@@ -299,10 +369,13 @@ class Trainer:
                 if t % 10 == 0 or t == stage.steps - 1:
                     bar.set_postfix(loss=f"{running:.3f}", **({k: f"{float(v):.3g}" for k, v in stats.items()}
                                                               if stats else {}))
-                if self._stop_signal is not None and t + 1 < stage.steps:
+                if every and ((t + 1) % every == 0 or t == stage.steps - 1):
+                    _log_line(label, t + 1, stage.steps, running, stats,
+                              (t + 1 - first) / max(time.perf_counter() - started, 1e-9))
+                if stop is not None and t + 1 < stage.steps:
                     bar.close()
                     self.save(stage_index=si, stage_step=t + 1, optim=optim)
-                    raise TrainingInterrupted(self._stop_signal, self.checkpoint, stage.name, t + 1)
+                    raise TrainingInterrupted(stop, self.checkpoint, stage.name, t + 1)
                 if self.checkpoint is not None and (t + 1) % self.checkpoint_every == 0 and t + 1 < stage.steps:
                     self.save(stage_index=si, stage_step=t + 1, optim=optim)
             bar.close()
@@ -310,7 +383,46 @@ class Trainer:
             if self.checkpoint is not None:
                 self.save(stage_index=si + 1 if not last else si, stage_step=0 if not last else stage.steps,
                           optim=None if not last else optim, finished=last)
-            if self._stop_signal is not None and not last:
-                raise TrainingInterrupted(self._stop_signal, self.checkpoint, stages[si + 1].name, 0)
+            stop = objective.stop_signal if objective is not None else self._stop_signal
+            if stop is not None and not last:
+                raise TrainingInterrupted(stop, self.checkpoint, stages[si + 1].name, 0)
         self.model.eval()
         return self.history
+
+    def _log_interval(self, steps: int) -> int:
+        if self.log_every is not None:
+            return max(0, int(self.log_every))
+        return max(1, int(steps) // 10)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _log_line(label: str, step: int, steps: int, running: Optional[float], stats: Optional[Mapping[str, float]],
+              rate: float) -> None:
+    """One progress line for logs (no carriage return): ``label step t/T loss L [stat v ...] (r steps/s)``."""
+    extra = "".join(f" {k} {float(v):.3g}" for k, v in (stats or {}).items())
+    print(f"{label} step {step}/{steps} loss {running:.4g}{extra} ({rate:.1f} steps/s)", file=sys.stderr,
+          flush=True)
+
+
+def _check_data(data: Any) -> None:
+    """Refuse, with a :class:`TypeError` that says what to pass, the objects users most often hand to
+    :meth:`Trainer.fit` by mistake: a whole data set, a split, a DataFrame, a bare tensor."""
+    kind = type(data).__name__
+    if hasattr(data, "splits") and hasattr(data, "schema") and not hasattr(data, "loader"):
+        raise TypeError(f"Trainer.fit takes the training rows of one split, not a whole {kind}: pass "
+                        "dataset.splits(n_splits=10, seed=0)[k].train (a TensorTable), a Batch, or an iterable of "
+                        "Batches")
+    if hasattr(data, "train") and hasattr(data, "test") and hasattr(data, "normaliser"):
+        raise TypeError(f"Trainer.fit takes training rows, not a {kind}: pass split.train")
+    if type(data).__module__.startswith("pandas"):
+        raise TypeError(f"Trainer.fit does not take a pandas {kind}: build a data set with "
+                        "ppl_vae.from_dataframe(df, target=...) and pass dataset.splits(...)[k].train")
+    if isinstance(data, torch.Tensor):
+        raise TypeError("Trainer.fit does not take a bare tensor: pass a ppl_vae.models.base.Batch(x=..., "
+                        "x_mask=...) or a TensorTable (dataset.splits(...)[k].train)")

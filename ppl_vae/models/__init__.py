@@ -1,7 +1,8 @@
 """Model families, each a Pyro program (``model(batch)`` / ``guide(batch)``) with its training stages.
 
 ``MODELS`` maps the CLI name to the class; :func:`build_model` instantiates one and lists the valid names on a typo.
-Table models (``vae``, ``vaem``, ``hmc-vae``, ``hmc-vaem``) take a ``TableSchema``; image models (``ug-vae``,
+Table models (``vae``, ``vaem``, ``hmc-vae``, ``hmc-vaem``, ``h-vae``, ``h-vaem``, ``hh-vae``, ``hh-vaem``,
+``miwae``, ``miwaem``) take a ``TableSchema``; image models (``ug-vae``,
 ``beta-vae``, ``gmvae``, ``ml-vae``) take image sizes.
 """
 from __future__ import annotations
@@ -24,13 +25,19 @@ MODELS = {
     "vaem": "ppl_vae.models.tabular.vaem:VAEM",
     "hmc-vae": "ppl_vae.models.tabular.hmc:HMCVAE",
     "hmc-vaem": "ppl_vae.models.tabular.hmc:HMCVAEM",
+    "h-vae": "ppl_vae.models.tabular.hierarchical:HVAE",
+    "h-vaem": "ppl_vae.models.tabular.hierarchical:HVAEM",
+    "hh-vae": "ppl_vae.models.tabular.hierarchical:HHVAE",
+    "hh-vaem": "ppl_vae.models.tabular.hierarchical:HHVAEM",
+    "miwae": "ppl_vae.models.tabular.miwae:MIWAE",
+    "miwaem": "ppl_vae.models.tabular.miwae:MIWAEM",
     "ug-vae": "ppl_vae.models.image.ugvae:UGVAE",
     "beta-vae": "ppl_vae.models.image.betavae:BetaVAE",
     "gmvae": "ppl_vae.models.image.gmvae:GMVAE",
     "ml-vae": "ppl_vae.models.image.mlvae:MLVAE",
 }
 #: the models ``ppl-vae run`` trains on tables
-TABLE_MODELS = ("vae", "vaem", "hmc-vae", "hmc-vaem")
+TABLE_MODELS = ("vae", "vaem", "hmc-vae", "hmc-vaem", "h-vae", "h-vaem", "hh-vae", "hh-vaem", "miwae", "miwaem")
 
 
 def model_class(name: str) -> type:

@@ -44,8 +44,9 @@ class Batch:
     y_mask: Optional[torch.Tensor] = None
     group: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
-    #: per-batch derived quantities a model computes once (e.g. VAEM's frozen marginal codes), keyed by name;
-    #: not copied by :meth:`to`, :meth:`replace` or row selection.
+    #: per-batch derived quantities a model computes once (e.g. VAEM's frozen marginal codes), keyed by name and
+    #: valid only for the data it was computed from (see :meth:`cached`); not copied by :meth:`to`,
+    #: :meth:`replace` or row selection.
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -78,8 +79,53 @@ class Batch:
     def _tensors(self):
         return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name != "cache"]
 
+    def data_fingerprint(self) -> Optional[tuple]:
+        """Identity of the data the cache was computed from: per field ``x, x_mask, y, y_mask`` the tensor object,
+        its in-place version counter (bumped by every in-place torch write: ``mask[i, j] = True``, ``mask.fill_``,
+        ``x.copy_``) and its storage pointer and shape. ``None`` when a tensor has no version counter (created under
+        ``torch.inference_mode``): such a batch is never cached.
+
+        Writes that bypass torch's version counter (through a NumPy view or ``tensor.data``) are not detected;
+        edit masks with torch operations or build a new :class:`Batch`.
+        """
+        fp = []
+        for value in (self.x, self.x_mask, self.y, self.y_mask):
+            if value is None:
+                fp.append(None)
+                continue
+            try:
+                version = value._version
+            except RuntimeError:  # inference tensors have no version counter
+                return None
+            fp.append((value, version, value.data_ptr(), tuple(value.shape)))
+        return tuple(fp)
+
+    @staticmethod
+    def _same_fingerprint(a: Optional[tuple], b: Optional[tuple]) -> bool:
+        if a is None or b is None or len(a) != len(b):
+            return False
+        for u, v in zip(a, b):
+            if (u is None) != (v is None):
+                return False
+            if u is not None and (u[0] is not v[0] or u[1:] != v[1:]):
+                return False
+        return True
+
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Return ``self.cache[key]``, computing and storing it with ``compute()`` on first use."""
+        """Return ``self.cache[key]``, computing and storing it with ``compute()`` on first use.
+
+        Entries are tied to :meth:`data_fingerprint`: an in-place edit of ``x``/``x_mask``/``y``/``y_mask`` (e.g.
+        revealing a feature, ``batch.x_mask[i, d] = True``) or assigning a new tensor to one of these fields drops
+        every cached entry, so no mask-dependent value (feature masks, encoder features, VAEM codes, hence
+        ``q(h | x_O)``) can go stale.
+        """
+        fp = self.data_fingerprint()
+        if fp is None:
+            self.cache.clear()
+            return compute()
+        if not self._same_fingerprint(self.cache.get("__fingerprint__"), fp):
+            self.cache.clear()
+            self.cache["__fingerprint__"] = fp
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]

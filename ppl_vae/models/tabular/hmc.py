@@ -36,6 +36,8 @@ class HMCOptions:
         inflation: ``"scalar"`` | ``"layer"`` | ``"dim"``: shape of the learnable proposal inflation.
         step_size_scheme: ``"relative"`` (step sizes relative to the encoder's σ: a diagonal mass matrix
             ``diag(σ)⁻²``) or ``"absolute"`` (the reference scheme); see :class:`~ppl_vae.infer.HMCRefinedGuide`.
+            Measured (hmc-vae, boston, folds 0-1, 3000 steps, K = 1000; imputation / target NLL / RMSE):
+            relative 0.77 / 0.86 / 6.47, absolute 0.91 / 0.90 / 6.45.
         hmc_fraction: fraction of the ELBO-stage steps spent in the joint VAE + HMC stage (reference: 2k of 20k).
         sksd_chains: chains per datapoint for the SKSD objective of the inflation (reference 30).
         hmc_lr: learning rate of the step sizes and inflation.
@@ -98,8 +100,8 @@ class HMCRefinement:
         self.test_sweeps = int(cfg.test_sweeps)
         self.hmc_guide = HMCRefinedGuide(self.model, self.guide, num_transitions=cfg.hmc_steps,
                                          num_leapfrog=cfg.leapfrog_steps, inflation=cfg.inflation,
-                                         step_size_scheme=cfg.step_size_scheme, latent_dim=self.latent_dim,
-                                         num_sites=1, fast_log_joint=self.log_joint)
+                                         step_size_scheme=cfg.step_size_scheme, latent_dim=self.flat_latent_dim,
+                                         num_sites=self.num_latent_sites, fast_log_joint=self.log_joint)
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
         """Base stages with the last (ELBO) stage split into pre-training and the joint VAE + HMC stage."""
@@ -115,6 +117,7 @@ class HMCRefinement:
             if schedule is not None:
                 schedule(last.steps + step)  # KL weight continues from pre-training (warm-up finished)
             self.kl_weight = self.beta
+            self.kl_annealing = False
 
         joint = TrainingStage("hmc", self.model, self.hmc_guide,
                               HMCObjective(sksd_chains=self.sksd_chains), n_hmc, lr,
@@ -124,12 +127,12 @@ class HMCRefinement:
         return [*stages, joint]
 
     def posterior_latents(self, batch: Batch, num_samples: int) -> torch.Tensor:
-        """``(num_samples, batch, latent_dim)`` final states of ``num_samples`` HMC chains per datapoint, each run
-        for ``test_sweeps`` sweeps of the tuned schedule."""
+        """``(num_samples, batch, latent_dim)`` decoder inputs at the final states of ``num_samples`` HMC chains per
+        datapoint, each run for ``test_sweeps`` sweeps of the tuned schedule."""
         schedule = self.hmc_guide.step_sizes().detach().repeat(self.test_sweeps, 1)
         with torch.enable_grad():
             trace = self.hmc_guide.refine(batch, num_chains=num_samples, step_sizes=schedule)
-        return trace.position.detach()
+        return self.decoder_input(trace.position.detach())
 
 
 class HMCVAE(HMCRefinement, VAE):

@@ -12,6 +12,7 @@ Subclasses say how the table is emitted: :meth:`observation_features` (what the 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -24,7 +25,8 @@ from ppl_vae.likelihoods import MixedLikelihood
 from ppl_vae.models.base import Batch, LatentVariableModel, TrainingStage
 from ppl_vae.models.config import ModelConfig, resolve_config
 from ppl_vae.models.tabular.predictor import Predictor
-from ppl_vae.nn import MLP, GaussianHead
+from ppl_vae.models.schedules import KL_SCHEDULES, make_kl_schedule
+from ppl_vae.nn import MLP, GaussianHead, MaskedConvEncoder28
 
 __all__ = ["TableVAE", "TableConfig", "as_schema"]
 
@@ -39,7 +41,13 @@ class TableConfig(ModelConfig):
         predictor_hidden: hidden widths of the predictor MLP.
         beta: weight of the KL term (β-VAE, Higgins et al. 2017); also the end point of KL warm-up.
         kl_warmup: steps of linear KL annealing from 0 to ``beta`` at the start of the ELBO stage (0: none).
-        gaussian_scale: ``"learned"`` (bounded) or a fixed std for real columns (see :mod:`ppl_vae.likelihoods`).
+        gaussian_scale: ``"learned"`` (bounded) or a fixed std for real columns (see :mod:`ppl_vae.likelihoods`;
+            the HH-VAEM paper's fixed variance 0.1 is ``gaussian_scale=0.1 ** 0.5``).
+        kl_schedule: ``"linear"`` (warm-up over ``kl_warmup`` steps), ``"cyclical"`` (Fu et al. 2019: ``kl_cycles``
+            cycles over the ELBO stage) or ``"constant"``; see :mod:`ppl_vae.models.schedules`.
+        kl_cycles: cycles of the cyclical schedule.
+        network: ``"mlp"`` or ``"conv28"`` (28x28 images whose 784 columns are Bernoulli pixels: a convolutional
+            encoder, :class:`~ppl_vae.nn.MaskedConvEncoder28`, and decoder, :class:`~ppl_vae.nn.ConvDecoder28`).
     """
 
     latent_dim: int = 10
@@ -48,6 +56,9 @@ class TableConfig(ModelConfig):
     beta: float = 1.0
     kl_warmup: int = 0
     gaussian_scale: Union[str, float] = "learned"
+    kl_schedule: str = "linear"
+    kl_cycles: int = 4
+    network: str = "mlp"
 
 
 def as_schema(schema: Any):
@@ -87,6 +98,10 @@ class TableVAE(LatentVariableModel):
         self.beta = float(cfg.beta)
         self.kl_warmup = int(cfg.kl_warmup)
         self.kl_weight = self.beta
+        if cfg.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"unknown kl_schedule {cfg.kl_schedule!r}; choose one of {KL_SCHEDULES}")
+        if cfg.network not in ("mlp", "conv28"):
+            raise ValueError(f"unknown network {cfg.network!r}; choose 'mlp' or 'conv28'")
         self.x_likelihood = MixedLikelihood(schema.features, gaussian_scale=cfg.gaussian_scale)
         D, F = self.x_likelihood.num_columns, self.x_likelihood.feature_dim
         self.predictor: Optional[Predictor] = None
@@ -95,7 +110,13 @@ class TableVAE(LatentVariableModel):
             self.predictor = Predictor(F, D, self.latent_dim, schema.target, list(cfg.predictor_hidden),
                                        cfg.gaussian_scale)
             y_width = self.predictor.likelihood.feature_dim + 1
-        self.encoder = MLP(self.observation_width() + D + y_width, hidden[:-1], hidden[-1])
+        if cfg.network == "conv28":
+            if self.observation_width() != 784 or D != 784:
+                raise ValueError(f"network='conv28' needs 784 pixel columns observed as themselves, got "
+                                 f"{D} columns and an encoder input of {self.observation_width()}")
+            self.encoder = MaskedConvEncoder28(hidden[-1], y_width)
+        else:
+            self.encoder = MLP(self.observation_width() + D + y_width, hidden[:-1], hidden[-1])
         self.encoder_head = GaussianHead(hidden[-1], self.latent_dim)
 
     # ------------------------------------------------------------------ subclass hooks
@@ -124,6 +145,27 @@ class TableVAE(LatentVariableModel):
         """Plain-torch log-likelihood of the observed table given ``h``: ``(..., batch)``; equals the sum of
         the sites emitted by :meth:`observe_x`."""
         raise NotImplementedError
+
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent the decoder and predictor read, from the flat latent of the Pyro sites: ``(..., batch,
+        flat_latent_dim) -> (..., batch, latent_dim)`` (identity here; the hierarchical models run their
+        hierarchy ``h_1(ε)``)."""
+        return z
+
+    @property
+    def flat_latent_dim(self) -> int:
+        """Width of the flat vector of every latent site (what HMC moves); ``latent_dim`` here."""
+        return self.latent_dim
+
+    @property
+    def num_latent_sites(self) -> int:
+        """Number of latent sample sites per datapoint (1 here)."""
+        return 1
+
+    def particle_plate(self):
+        """Context entered inside the data plate of :meth:`model` and :meth:`guide` (none here; the
+        importance-weighted models open their particle plate)."""
+        return contextlib.nullcontext()
 
     def generative_modules(self) -> dict:
         """``{pyro module name: module}`` trained by the model side of the ELBO (decoder, predictor...)."""
@@ -168,18 +210,24 @@ class TableVAE(LatentVariableModel):
         return batch.cached("x_table_features", lambda: self.x_likelihood.encode(batch.x, batch.x_mask))
 
     def log_joint(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Hand-written ``log p(x_O, y_O, h)`` per datapoint: ``(..., batch)`` for ``h`` ``(..., batch, latent_dim)``.
+        """Hand-written ``log p(x_O, y_O, h)`` per datapoint: ``(..., batch)`` for ``h`` ``(..., batch,
+        flat_latent_dim)`` (the flat vector of the latent sites, standard normal prior; :meth:`decoder_input` maps
+        it to what the decoder reads).
 
         An optional fast path of the HMC target (Peis et al. 2022, §3.5): the HMC-refined models hand it to
         :class:`~ppl_vae.infer.potential.TracePotential`, which checks it against the log joint derived from the
         trace of :meth:`model` on first use (float64, relative error ≤ 1e-5) and raises on disagreement, so a
         subclass that changes :meth:`model` without changing this method gets an error, never a wrong target."""
-        x_params = self.x_params(h, batch)
-        prior = dist.Normal(0.0, 1.0).log_prob(h).sum(-1)
-        out = prior + self.log_lik_x(h, batch, x_params=x_params)
-        if self.predictor is not None and batch.y is not None:
-            y, ym = self.target(batch)
-            out = out + self.predictor.likelihood.log_prob(self.y_params(h, batch, x_params), y, ym)
+        # argument validation off, as on the trace path: a non-finite leapfrog position must give a non-finite
+        # density (counted as a divergence by the HMC kernel), never an exception
+        with pyro.validation_enabled(False):
+            prior = dist.Normal(0.0, 1.0).log_prob(h).sum(-1)   # every latent site has a N(0, I) prior
+            h = self.decoder_input(h)
+            x_params = self.x_params(h, batch)
+            out = prior + self.log_lik_x(h, batch, x_params=x_params)
+            if self.predictor is not None and batch.y is not None:
+                y, ym = self.target(batch)
+                out = out + self.predictor.likelihood.log_prob(self.y_params(h, batch, x_params), y, ym)
         return out
 
     # ------------------------------------------------------------------ Pyro programs
@@ -192,10 +240,8 @@ class TableVAE(LatentVariableModel):
         """Pyro model: ``h ~ N(0, I)`` (KL weighted by ``kl_weight``), the masked table likelihood and the masked
         target likelihood, all inside ``pyro.plate("data", batch.size)``."""
         self.register_modules(self.generative_modules())
-        with pyro.plate("data", batch.size, dim=-1, device=batch.device):
-            prior = dist.Normal(batch.x.new_zeros(self.latent_dim), 1.0).expand([batch.size, self.latent_dim])
-            with poutine.scale(scale=self.kl_weight):
-                h = pyro.sample(self.latent_site, prior.to_event(1))
+        with pyro.plate("data", batch.size, dim=-1, device=batch.device), self.particle_plate():
+            h = self.sample_latent(batch)
             x_params = self.x_params(h, batch)
             self.observe_x(h, batch, x_params=x_params)
             if self.predictor is not None and batch.y is not None:
@@ -205,17 +251,41 @@ class TableVAE(LatentVariableModel):
     def guide(self, batch: Batch) -> None:
         """Pyro guide: the amortised Gaussian ``q(h | x_O, y_O)`` (KL weighted by ``kl_weight``)."""
         self.register_modules(self.encoder_modules())
-        with pyro.plate("data", batch.size, dim=-1, device=batch.device):
-            loc, scale = self.proposal(batch)
-            with poutine.scale(scale=self.kl_weight):
-                pyro.sample(self.latent_site, dist.Normal(loc, scale).to_event(1))
+        with pyro.plate("data", batch.size, dim=-1, device=batch.device), self.particle_plate():
+            self.guide_latent(batch)
+
+    def sample_latent(self, batch: Batch) -> torch.Tensor:
+        """Model side, inside the data plate: the latent site(s) under their ``N(0, I)`` prior (KL weighted by
+        ``kl_weight``); returns the decoder's input ``(batch, latent_dim)`` (:meth:`decoder_input`)."""
+        prior = dist.Normal(batch.x.new_zeros(self.latent_dim), 1.0).expand([batch.size, self.latent_dim])
+        with poutine.scale(scale=self.kl_weight):
+            return pyro.sample(self.latent_site, prior.to_event(1))
+
+    def guide_latent(self, batch: Batch) -> None:
+        """Guide side, inside the data plate: ``q(h | x_O, y_O)`` (KL weighted by ``kl_weight``)."""
+        loc, scale = self.proposal(batch)
+        with poutine.scale(scale=self.kl_weight):
+            pyro.sample(self.latent_site, dist.Normal(loc, scale).to_event(1))
+
+    def kl_schedule(self, steps: int):
+        """The KL schedule of an ELBO stage of ``steps`` steps (``cfg.kl_schedule``; see
+        :mod:`ppl_vae.models.schedules`)."""
+        return make_kl_schedule(self.cfg.kl_schedule, beta=self.beta, warmup=self.kl_warmup, total=steps,
+                                cycles=self.cfg.kl_cycles)
 
     def _kl_schedule(self, step: int) -> None:
-        self.kl_weight = self.beta * min(1.0, (step + 1) / self.kl_warmup) if self.kl_warmup > 0 else self.beta
+        schedule = getattr(self, "_active_kl_schedule", None) or self.kl_schedule(max(1, self.kl_warmup))
+        self.kl_weight = schedule(step)
+        self.kl_annealing = schedule.annealing(step)
+
+    def elbo_loss(self):
+        """The loss of the ELBO stage (``Trace_ELBO``; the importance-weighted models return their bound)."""
+        return pyro.infer.Trace_ELBO()
 
     def elbo_stage(self, steps: int, lr: float, name: str = "elbo") -> TrainingStage:
-        """The ELBO stage (``Trace_ELBO``) with KL warm-up."""
-        return TrainingStage(name, self.model, self.guide, pyro.infer.Trace_ELBO(), steps, lr,
+        """The ELBO stage (:meth:`elbo_loss`) with the KL schedule (:meth:`kl_schedule` of its ``steps``)."""
+        self._active_kl_schedule = self.kl_schedule(steps)
+        return TrainingStage(name, self.model, self.guide, self.elbo_loss(), steps, lr,
                              on_step=self._kl_schedule)
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
@@ -224,6 +294,6 @@ class TableVAE(LatentVariableModel):
 
     # ------------------------------------------------------------------ evaluation contract
     def posterior_latents(self, batch: Batch, num_samples: int) -> torch.Tensor:
-        """``(num_samples, batch, latent_dim)`` draws of ``h`` from the guide (HMC models: chains)."""
+        """``(num_samples, batch, latent_dim)`` draws of the decoder's input from the guide (HMC models: chains)."""
         loc, scale = self.proposal(batch)
-        return dist.Normal(loc, scale).sample((num_samples,))
+        return self.decoder_input(dist.Normal(loc, scale).sample((num_samples,)))

@@ -14,7 +14,7 @@ import torch
 
 from ppl_vae.models.base import Batch
 from ppl_vae.models.tabular.table import TableConfig, TableVAE
-from ppl_vae.nn import MLP
+from ppl_vae.nn import MLP, ConvDecoder28
 
 __all__ = ["VAE", "VAEConfig"]
 
@@ -42,7 +42,12 @@ class VAE(TableVAE):
 
     def __init__(self, schema, config: Optional[VAEConfig] = None, **options):
         super().__init__(schema, config, **options)
-        self.decoder = MLP(self.latent_dim, list(self.cfg.hidden)[::-1], self.x_likelihood.param_dim)
+        if self.cfg.network == "conv28":
+            if self.x_likelihood.param_dim != 784 or set(self.x_likelihood.kinds) != {"bernoulli"}:
+                raise ValueError("network='conv28' needs 784 bernoulli pixel columns (e.g. the 'mnist' data set)")
+            self.decoder = ConvDecoder28(self.latent_dim)
+        else:
+            self.decoder = MLP(self.latent_dim, list(self.cfg.hidden)[::-1], self.x_likelihood.param_dim)
 
     def generative_modules(self) -> dict:
         """Decoder and predictor: what the model side of the ELBO trains."""

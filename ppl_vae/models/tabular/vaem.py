@@ -41,11 +41,19 @@ class VAEMConfig(TableConfig):
         marginal_steps: steps of stage 1; ``None`` -> a third of the total steps given to
             :meth:`VAEM.training_stages` (reference: ~1k).
         discrete_kl_weight: KL weight of the marginal VAEs of bernoulli/categorical columns (reference 0.2).
+        marginal_kl_warmup: steps of linear KL annealing (0 -> 1) at the start of stage 1, at most half the stage
+            (0: none, the reference). Without it the marginal VAEs of some columns collapse to the prior when the
+            decoder's variance is learned: the code carries nothing and the column is explained by a wide
+            variance. Measured on boston fold 0 (stage 1 alone, 1000 steps, learned variance): reconstruction RMSE
+            of observed test entries through their own code 0.36 (NOX 1.06, AGE 0.98, PTRATIO 0.84: collapsed,
+            q-scale ≈ 1) without warm-up, 0.35 with 3000 steps, 0.05 with a 500-step warm-up, 0.10 with the
+            reference's fixed variance 0.1.
     """
 
     marginal_hidden: int = 32
     marginal_steps: Optional[int] = None
     discrete_kl_weight: float = 0.2
+    marginal_kl_warmup: int = 500
 
 
 class MarginalVAEs(nn.Module):
@@ -123,6 +131,7 @@ class VAEM(TableVAE):
                 groups.append((gname, weight))
                 self.register_buffer(f"_group_{gname}", torch.tensor(cols, dtype=torch.long), persistent=False)
         self._groups = groups
+        self._marginal_kl_factor = 1.0
 
     # ------------------------------------------------------------------ stage 1: marginal VAEs
     def marginal_model(self, batch: Batch) -> None:
@@ -134,7 +143,7 @@ class VAEM(TableVAE):
             for gname, weight in self._groups:
                 cols = getattr(self, f"_group_{gname}")
                 prior = dist.Normal(batch.x.new_zeros(()), 1.0).expand([batch.size, len(cols)])
-                with poutine.scale(scale=weight):
+                with poutine.scale(scale=weight * self._marginal_kl_factor):
                     zg = pyro.sample(f"z_marginal_{gname}", prior.mask(mask[:, cols]).to_event(1))
                 z = z.index_copy(-1, cols, zg)
             self.x_likelihood.observe("x", self.marginal.decode(z), batch.x, mask)
@@ -147,7 +156,7 @@ class VAEM(TableVAE):
             loc, scale = self.marginal.encode(self.observation_features_for_predictor(batch), mask)
             for gname, weight in self._groups:
                 cols = getattr(self, f"_group_{gname}")
-                with poutine.scale(scale=weight):
+                with poutine.scale(scale=weight * self._marginal_kl_factor):
                     pyro.sample(f"z_marginal_{gname}",
                                 dist.Normal(loc[:, cols], scale[:, cols]).mask(mask[:, cols]).to_event(1))
 
@@ -195,7 +204,8 @@ class VAEM(TableVAE):
         return {"code_decoder": self.code_decoder, **super().generative_modules()}
 
     def training_stages(self, steps: int, lr: float = 1e-3) -> list[TrainingStage]:
-        """``[marginal, dependency]``: stage 1 gets ``marginal_steps`` (default a third of ``steps``)."""
+        """``[marginal, dependency]``: stage 1 gets ``marginal_steps`` (default a third of ``steps``), with its KL
+        annealed over ``marginal_kl_warmup`` steps (at most half the stage)."""
         n1 = self.marginal_steps if self.marginal_steps is not None else max(1, steps // 3)
         dependency = self.elbo_stage(max(1, steps - n1), lr, name="dependency")
         schedule = dependency.on_step
@@ -205,8 +215,14 @@ class VAEM(TableVAE):
             schedule(step)
 
         dependency.on_step = freeze_then_schedule
+        warm = min(int(self.cfg.marginal_kl_warmup), n1 // 2)
+
+        def marginal_on_step(step: int) -> None:
+            self.marginal.requires_grad_(True)
+            self._marginal_kl_factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+
         return [TrainingStage("marginal", self.marginal_model, self.marginal_guide, pyro.infer.Trace_ELBO(), n1,
-                              max(lr, 3e-3), on_step=lambda step: self.marginal.requires_grad_(True)),
+                              max(lr, 3e-3), on_step=marginal_on_step),
                 dependency]
 
     def freeze_marginals(self) -> None:

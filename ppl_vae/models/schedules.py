@@ -1,0 +1,166 @@
+"""KL schedules any model can use: linear and cyclical annealing of the KL weight, and KL balancing across layers.
+
+A KL schedule is a callable ``schedule(step) -> weight`` (a float) evaluated before each optimisation step; a model
+multiplies its latent sites' log densities by the weight with ``poutine.scale`` (the KL term of the ELBO, since the
+guide's sites carry the same scale). Three schedules:
+
+- :class:`ConstantKL`: ``β`` at every step (β-VAE, Higgins et al. 2017).
+- :class:`LinearKL`: ``β · min(1, (step + 1) / warmup)`` (KL warm-up; Bowman et al. 2016, Sønderby et al. 2016;
+  HH-VAEM, Peis et al. 2022 §4 uses it over the first ~1k steps).
+- :class:`CyclicalKL`: the cyclical schedule of Fu et al. (2019), "Cyclical Annealing Schedule: A Simple Approach to
+  Mitigating KL Vanishing", NAACL, eq. (4): ``total`` steps split into ``cycles`` cycles of length
+  ``P = total / cycles``; within a cycle at position ``τ = (step mod P) / P`` the weight rises linearly from 0 to
+  ``β`` over the first fraction ``ratio`` of the cycle (``β · τ / ratio``) and stays at ``β`` for the rest.
+
+:class:`KLBalancer` gives the per-layer weights of KL balancing (Vahdat & Kautz 2020, "NVAE", §3.3; HH-VAEM
+Appendix): ``w_l ∝ dim_l · KL_l`` with the KLs detached, ``Σ_l w_l = 1``. A layer that carries a large KL is
+penalised more, so no layer collapses while the others absorb the information. Unlike the HH-VAEM reference code,
+the weights are computed from detached KLs, so no gradient flows through the weights themselves.
+
+:func:`make_kl_schedule` builds one from a name (``"constant" | "linear" | "cyclical"``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["KL_SCHEDULES", "ConstantKL", "LinearKL", "CyclicalKL", "KLBalancer", "make_kl_schedule",
+           "gaussian_kl_to_standard_normal"]
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+class ConstantKL:
+    """``weight(step) = beta``."""
+
+    def __init__(self, beta: float = 1.0):
+        self.beta = float(beta)
+
+    def __call__(self, step: int) -> float:
+        return self.beta
+
+    def annealing(self, step: int) -> bool:
+        """Whether ``step`` lies in an annealing phase (never for a constant weight)."""
+        return False
+
+
+class LinearKL:
+    """Linear warm-up: ``weight(step) = beta · min(1, (step + 1) / warmup)``; ``warmup = 0`` means ``beta``.
+
+    Raises:
+        ValueError: ``warmup < 0``.
+    """
+
+    def __init__(self, warmup: int, beta: float = 1.0):
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.warmup, self.beta = int(warmup), float(beta)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup == 0:
+            return self.beta
+        return self.beta * min(1.0, (int(step) + 1) / self.warmup)
+
+    def annealing(self, step: int) -> bool:
+        """Whether the weight is still rising at ``step``."""
+        return int(step) + 1 < self.warmup
+
+
+class CyclicalKL:
+    """Cyclical annealing (Fu et al. 2019, eq. 4): ``cycles`` cycles over ``total`` steps, each rising linearly from
+    0 to ``beta`` over the first ``ratio`` of the cycle, then flat at ``beta``. Steps past ``total`` get ``beta``.
+
+    Example: ``CyclicalKL(total=100, cycles=2, ratio=0.5)`` gives 0 at step 0, 0.48 at step 12, 1.0 from step 25 to
+    49, 0 again at step 50 and 1.0 from step 100 on.
+
+    Raises:
+        ValueError: ``total < 1``, ``cycles < 1`` or ``ratio`` outside ``(0, 1]``.
+    """
+
+    def __init__(self, total: int, cycles: int = 4, ratio: float = 0.5, beta: float = 1.0):
+        if total < 1 or cycles < 1 or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"need total >= 1, cycles >= 1 and 0 < ratio <= 1; got {total}, {cycles}, {ratio}")
+        self.total, self.cycles, self.ratio, self.beta = int(total), int(cycles), float(ratio), float(beta)
+        self.period = self.total / self.cycles
+
+    def _tau(self, step: int) -> float:
+        return (int(step) % self.period) / self.period
+
+    def __call__(self, step: int) -> float:
+        if step >= self.total:
+            return self.beta
+        return self.beta * min(1.0, self._tau(step) / self.ratio)
+
+    def annealing(self, step: int) -> bool:
+        """Whether ``step`` lies in a rising phase of a cycle."""
+        return step < self.total and self._tau(step) < self.ratio
+
+
+def make_kl_schedule(kind: str, *, beta: float = 1.0, warmup: int = 0, total: int = 1, cycles: int = 4,
+                     ratio: float = 0.5):
+    """A KL schedule by name.
+
+    Args:
+        kind: ``"constant"`` (β), ``"linear"`` (warm-up over ``warmup`` steps), ``"cyclical"`` (``cycles`` cycles
+            over ``total`` steps, rising over ``ratio`` of each).
+
+    Raises:
+        ValueError: unknown ``kind`` (lists the choices) or bad sizes.
+    """
+    if kind == "constant":
+        return ConstantKL(beta)
+    if kind == "linear":
+        return LinearKL(warmup, beta)
+    if kind == "cyclical":
+        return CyclicalKL(max(1, int(total)), cycles, ratio, beta)
+    raise ValueError(f"unknown KL schedule {kind!r}; choose one of {KL_SCHEDULES}")
+
+
+def gaussian_kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``KL(N(loc, scale²) ‖ N(0, I))`` summed over the last dimension: ``(..., d) -> (...)``."""
+    return 0.5 * (loc.pow(2) + scale.pow(2) - 1.0 - 2.0 * scale.log()).sum(-1)
+
+
+class KLBalancer:
+    """Per-layer KL weights ``w_l = dim_l · KL_l / Σ_j dim_j · KL_j`` (detached; they sum to 1).
+
+    Vahdat & Kautz (2020, §3.3) balance the groups of a hierarchical VAE during KL warm-up so that no group is
+    switched off; the HH-VAEM reference uses the same rule without detaching. Call :meth:`update` with the current
+    per-layer KLs (any estimate; the mean over the batch), then read :meth:`weights`. Before the first update, and
+    when every KL is 0, the weights are uniform.
+
+    Args:
+        dims: ``dim_l`` of each layer.
+
+    Shapes: ``update(kl (L,))``; ``weights() -> (L,)``.
+
+    Raises:
+        ValueError: an empty ``dims`` or a non-positive dimension; ``update`` with the wrong number of layers.
+    """
+
+    def __init__(self, dims: Sequence[int]):
+        dims = [int(d) for d in dims]
+        if not dims or min(dims) < 1:
+            raise ValueError(f"KLBalancer needs positive layer dims, got {dims}")
+        self.dims = torch.tensor(dims, dtype=torch.float64)
+        self._weights = torch.full((len(dims),), 1.0 / len(dims), dtype=torch.float64)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.dims)
+
+    def update(self, kl: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """Recompute the weights from per-layer KLs ``(L,)`` (detached, clamped at 0); returns :meth:`weights`."""
+        kl = torch.as_tensor(kl).detach().to(torch.float64).cpu().reshape(-1)
+        if kl.numel() != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} per-layer KLs, got {kl.numel()}")
+        raw = self.dims * kl.clamp_min(0.0)
+        total = float(raw.sum())
+        if total > 0 and torch.isfinite(raw).all():
+            self._weights = raw / total
+        return self.weights()
+
+    def weights(self) -> torch.Tensor:
+        """``(L,)`` float64 weights summing to 1."""
+        return self._weights.clone()
