@@ -112,7 +112,8 @@ def test_uci_table_smoke_writes_both_protocols_netcdf_and_plot(tmp_path):
     import numpy as np
     import xarray as xr
     bench = load_benchmark("uci_table")
-    assert bench.main(["--smoke", "--models", "miwae", "hh-vae", "--out", str(tmp_path), "--name", "t"]) == 0
+    assert bench.main(["--smoke", "--models", "miwae", "hh-vae", "--protocol", "both", "--out", str(tmp_path),
+                       "--name", "t"]) == 0
     ds = xr.open_dataset(tmp_path / "t.nc", engine="scipy")
     assert list(ds.protocol.values) == ["paper", "default"] and list(ds.model.values) == ["miwae", "hh-vae"]
     assert np.isfinite(ds["imputation_nll"].values).all() and np.isfinite(ds["seconds_per_split"].values).all()

@@ -12,8 +12,8 @@ guide's sites carry the same scale). Three schedules:
   ``P = total / cycles``; within a cycle at position ``τ = (step mod P) / P`` the weight rises linearly from 0 to
   ``β`` over the first fraction ``ratio`` of the cycle (``β · τ / ratio``) and stays at ``β`` for the rest.
 
-:class:`KLBalancer` gives the per-layer weights of KL balancing (Vahdat & Kautz 2020, "NVAE", §3.3; HH-VAEM
-Appendix): ``w_l ∝ dim_l · KL_l`` with the KLs detached, ``Σ_l w_l = 1``. A layer that carries a large KL is
+:class:`KLBalancer` gives the per-layer weights of KL balancing (Vahdat & Kautz 2020, "NVAE", NeurIPS, §3.3; used
+during the KL warm-up of HH-VAEM, Peis et al. 2022): ``w_l ∝ dim_l · KL_l`` with the KLs detached, ``Σ_l w_l = 1``. A layer that carries a large KL is
 penalised more, so no layer collapses while the others absorb the information. Unlike the HH-VAEM reference code,
 the weights are computed from detached KLs, so no gradient flows through the weights themselves.
 
@@ -126,7 +126,7 @@ class KLBalancer:
     """Per-layer KL weights ``w_l = dim_l · KL_l / Σ_j dim_j · KL_j`` (detached; they sum to 1).
 
     Vahdat & Kautz (2020, §3.3) balance the groups of a hierarchical VAE during KL warm-up so that no group is
-    switched off; the HH-VAEM reference uses the same rule without detaching. Call :meth:`update` with the current
+    switched off; HH-VAEM (Peis et al. 2022) uses the same rule (its code without detaching the weights). Call :meth:`update` with the current
     per-layer KLs (any estimate; the mean over the batch), then read :meth:`weights`. Before the first update, and
     when every KL is 0, the weights are uniform.
 

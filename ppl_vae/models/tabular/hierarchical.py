@@ -18,7 +18,7 @@ Guide (§3.2, eq. 5): a bottom-up encoder ``r_0 = [x ⊙ m_x, m_x, y ⊙ m_y, m_
 ``q(ε_l | x_O, y_O) = N(g_μ,l(r_l), g_σ,l(r_l))``, independent across layers given ``r``. Layer 1 reuses the base
 model's encoder and Gaussian head.
 
-KL warm-up and balancing (§4; :mod:`ppl_vae.models.schedules`): every ``eps_l`` site is scaled by the KL weight of
+KL warm-up and balancing (:mod:`ppl_vae.models.schedules`; Vahdat & Kautz 2020 §3.3): every ``eps_l`` site is scaled by the KL weight of
 the schedule and, while the schedule is annealing and ``kl_balancing`` is on, by ``L · w_l`` with the detached
 balancing weights ``w_l ∝ d_l · KL_l`` (``Σ w_l = 1``, so the mean factor is 1). The per-layer KLs are the guide's
 analytic ``KL(q(ε_l) ‖ N(0, I))``, averaged over the batch, computed in the guide of the same step (Pyro runs the
