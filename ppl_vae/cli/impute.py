@@ -44,8 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_input(args):
-    """``(trained model, input DataFrame)`` of the shared arguments; raises PplVaeError subclasses on bad input."""
+    """``(trained model, input DataFrame)`` of the shared arguments; raises PplVaeError subclasses on bad input
+    (``--num-samples`` < 1, ``--intervals`` outside (0, 1), an unreadable checkpoint or CSV)."""
     from ppl_vae.data.dataset import read_table_csv
+    from ppl_vae.errors import PplVaeError
+
+    if args.num_samples < 1:
+        raise PplVaeError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.intervals is not None and not 0 < args.intervals < 1:
+        raise PplVaeError(f"--intervals must be in (0, 1), e.g. 0.9, got {args.intervals}")
+
     from ppl_vae.infer.frames import load_trained
     from ppl_vae.pipeline import resolve_device
 
@@ -66,13 +74,8 @@ def write_csv(frame, path) -> Path:
 
 def run(args) -> int:
     """Run ``ppl-vae impute``; returns the exit status."""
-    from ppl_vae.errors import PplVaeError
     from ppl_vae.infer.frames import impute
 
-    if args.num_samples < 1:
-        raise PplVaeError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.intervals is not None and not 0 < args.intervals < 1:
-        raise PplVaeError(f"--intervals must be in (0, 1), e.g. 0.9, got {args.intervals}")
     trained, frame = read_input(args)
     cols = [c for c in trained.schema.feature_names + ([trained.schema.target.name] if trained.schema.target
                                                           else []) if c in frame.columns]

@@ -30,10 +30,6 @@ def run(args) -> int:
     from ppl_vae.errors import PplVaeError
     from ppl_vae.infer.frames import predict
 
-    if args.num_samples < 1:
-        raise PplVaeError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.intervals is not None and not 0 < args.intervals < 1:
-        raise PplVaeError(f"--intervals must be in (0, 1), e.g. 0.9, got {args.intervals}")
     trained, frame = read_input(args)
     try:
         pred = predict(trained, frame, args.num_samples, interval=args.intervals, seed=args.seed)

@@ -36,7 +36,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -433,7 +433,7 @@ class TracePotential:
         key = (tuple(z.shape), z.dtype, str(z.device), spec,
                tuple((tuple(a.shape), a.dtype, str(a.device)) for a in tensors), id(bound.model))
         graph = self._graphs.get(key)
-        model, data_plate_nesting = bound.model, bound.max_plate_nesting
+        model = bound.model
         fresh = graph is None
         if fresh:
             from torch.fx.experimental.proxy_tensor import make_fx

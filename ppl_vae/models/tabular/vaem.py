@@ -15,7 +15,7 @@ encoder reads ``[z ⊙ m_x, m_x, y ⊙ m_y, m_y]``. A missing ``x_d`` is imputed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
