@@ -92,7 +92,7 @@ def _score(ds, truth, hidden, point, draws, scale):
 
 def _ours(name, ds, split, args):
     from ppl_vae.infer.evaluation import evaluate_split
-    from ppl_vae.infer.frames import TrainedModel, predict, sample_frame
+    from ppl_vae.infer.frames import TrainedModel, point_estimate, predict, sample_frame
     from ppl_vae.pipeline import fit_split
 
     ftr, ytr, masked, fte, hidden, yte = _split_frames(ds, split)
@@ -103,7 +103,9 @@ def _ours(name, ds, split, args):
     draws = np.stack([np.asarray(fd.columns[c], dtype=np.float64) for c in ds.schema.feature_names], -1)
     point = draws.mean(0)
     for j, c in enumerate(ds.schema.features):
-        if c.is_discrete:   # most frequent sampled level
+        if not c.is_discrete:  # the package's default point imputation (median of log-Gaussian columns)
+            point[:, j] = point_estimate(draws[..., j], c.likelihood)
+        else:   # most frequent sampled level
             v = draws[..., j]
             levels = np.asarray(c.categories, dtype=np.float64)
             counts = (v[..., None] == levels).sum(0)

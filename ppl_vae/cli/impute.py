@@ -37,8 +37,9 @@ def add_io_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``ppl-vae impute``."""
     add_io_arguments(p)
-    p.add_argument("--point", choices=("mean", "median"), default="mean",
-                   help="summary of real/count columns (category columns get the most frequent level)")
+    p.add_argument("--point", choices=("auto", "mean", "median"), default="auto",
+                   help="summary of real/count columns: auto = median of log-Gaussian columns, mean of the others "
+                        "(category columns get the most frequent level)")
     p.add_argument("--draws", default=None, metavar="FILE",
                    help="also write the K multiple imputations: FILE.nc (xarray, dims draw x row) or a long CSV")
 

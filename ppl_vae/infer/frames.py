@@ -41,7 +41,7 @@ from ppl_vae.threads import small_work_threads
 __all__ = ["TrainedModel", "load_trained", "impute", "predict", "sample_frame", "frame_to_batch", "FrameDraws"]
 
 PathLike = Union[str, Path]
-_POINTS = ("mean", "median")
+_POINTS = ("auto", "mean", "median")
 _DRAW_FORMATS = ("long", "xarray")
 
 
@@ -465,7 +465,26 @@ def _check_level(level: Optional[float], name: str) -> Optional[float]:
     return float(level)
 
 
-def impute(model, data, num_samples: int = 100, *, normaliser: Optional[Normaliser] = None, point: str = "mean",
+def point_estimate(values: np.ndarray, likelihood: str, point: str = "auto") -> np.ndarray:
+    """Point imputation of a real / count column from its K posterior-predictive draws ``(K, N)`` (original units).
+
+    ``"auto"`` takes the median for ``loggaussian`` columns and the mean otherwise: a log-Gaussian predictive
+    back-transformed with ``expm1`` is right-skewed, and its mean ``exp(μ + s²/2) - 1`` is dominated by a few
+    extreme draws when the log-scale ``s`` is wide (measured on the concrete table's zero-inflated ``fly_ash``:
+    draws up to 6e5 for values in 0..200, RMSE 20.1 training sds with the mean vs 0.92 with the median); the median
+    ``exp(μ) - 1`` is the back-transform of the log-domain mean (Duan 1983 discusses this retransformation bias).
+
+    Returns:
+        ``(N,)``. Raises: ValueError: unknown ``point``.
+    """
+    if point not in _POINTS:
+        raise ValueError(f"point must be one of {_POINTS}, got {point!r}")
+    if point == "median" or (point == "auto" and likelihood == "loggaussian"):
+        return np.median(values, 0)
+    return values.mean(0)
+
+
+def impute(model, data, num_samples: int = 100, *, normaliser: Optional[Normaliser] = None, point: str = "auto",
            interval: Optional[float] = None, draws: Optional[str] = None, seed: Optional[int] = 0,
            threads: Union[int, str, None] = None):
     """Fill the missing cells of a table with the model's posterior predictive, in the user's units and labels.
@@ -479,8 +498,9 @@ def impute(model, data, num_samples: int = 100, *, normaliser: Optional[Normalis
             and imputed where missing; other columns pass through unchanged.
         num_samples: K posterior-predictive draws per record.
         normaliser: the normaliser the model was trained with (only for a bare model).
-        point: ``"mean"`` (posterior-predictive mean of real / count columns) or ``"median"``; discrete columns
-            always get the most frequent sampled level (the mode).
+        point: ``"auto"`` (median of log-Gaussian columns, mean of the other real / count columns; see
+            :func:`point_estimate`), ``"mean"`` or ``"median"``; discrete columns always get the most frequent sampled
+            level (the mode).
         interval: e.g. ``0.9``: add, right after each real / count column ``c``, the central interval columns
             ``c_lower`` / ``c_upper`` (the 5% / 95% quantiles of the K draws; equal to the value where observed),
             and after each discrete column ``c_prob`` (share of draws giving the filled level; 1 where observed).
@@ -534,9 +554,9 @@ def impute(model, data, num_samples: int = 100, *, normaliser: Optional[Normalis
                 add[f"{name}_prob"] = pd.Series(p, index=frame.index)
         else:
             v = np.asarray(vals[:, miss], dtype=np.float64)
-            fill = v.mean(0) if point == "mean" else np.median(v, 0)
+            fill = point_estimate(v, col.likelihood, point)
             if name == (fd.schema.target.name if fd.schema.target is not None else None) and fd.target_mean is not None \
-                    and point == "mean":
+                    and (point == "mean" or (point == "auto" and col.likelihood != "loggaussian")):
                 fill = fd.target_mean[miss]          # Rao-Blackwellised: mean of the K predictive means
             if level is not None:
                 lo = frame[name].to_numpy(dtype=np.float64, na_value=np.nan).copy()
