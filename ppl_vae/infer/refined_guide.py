@@ -205,7 +205,7 @@ class HMCRefinedGuide(nn.Module):
     def refine(self, *args, num_chains: Optional[int] = None, model: Optional[Callable] = None,
                detach_proposal: bool = True, detach_step_sizes: bool = False, keep_chain: bool = False,
                step_sizes: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-               **kwargs) -> HMCTrace:
+               potential: Optional[BoundPotential] = None, **kwargs) -> HMCTrace:
         """Draw ``z_0`` from the inflated proposal and run ``T`` HMC transitions (no loop over chains/datapoints).
 
         Args:
@@ -217,6 +217,7 @@ class HMCRefinedGuide(nn.Module):
             keep_chain: keep the ``(T+1, C, N, latent_dim)`` chain in the trace (diagnostics).
             step_sizes: ``(T', latent_dim)`` schedule to use instead of ``self.step_sizes()``.
             generator: ``torch.Generator`` (default: global RNG, seeded by ``pyro.set_rng_seed``).
+            potential: the :meth:`bind` result for these same arguments, to skip a second prototype run.
 
         Returns:
             :class:`ppl_vae.infer.mcmc.HMCTrace` in the flat unconstrained coordinates of the model's latents:
@@ -227,7 +228,7 @@ class HMCRefinedGuide(nn.Module):
         if torch.jit.is_tracing():
             raise NotImplementedError("HMCRefinedGuide cannot be JIT-traced (its Metropolis-Hastings decisions are "
                                       "data-dependent); use Trace_ELBO / HMCObjective without JIT")
-        bound = self.bind(*args, model=model, **kwargs)
+        bound = potential if potential is not None else self.bind(*args, model=model, **kwargs)
         c = self.num_chains if num_chains is None else int(num_chains)
         loc, scale = bound.proposal()
         if detach_proposal:
@@ -275,7 +276,7 @@ class HMCRefinedGuide(nn.Module):
         try:
             with torch.enable_grad():
                 trace = self.refine(*args, num_chains=num_chains, keep_chain=True, generator=gen,
-                                    step_sizes=schedule.repeat(sweeps, 1), **kwargs)
+                                    step_sizes=schedule.repeat(sweeps, 1), potential=bound, **kwargs)
         finally:
             if saved is not None:
                 self.log_inflation.data.copy_(saved)
@@ -315,7 +316,7 @@ class HMCRefinedGuide(nn.Module):
         num_chains, chain_dim = (outer[0].size, outer[0].dim) if outer else (1, None)
         bound = self.bind(*args, **kwargs)
         pyro.module(self.pyro_name, self)
-        trace = self.refine(*args, num_chains=num_chains, **kwargs)
+        trace = self.refine(*args, num_chains=num_chains, potential=bound, **kwargs)
         values = bound.unpack(trace.position if outer else trace.position[0], chain_dim)
         out = {}
         with pyro.plate(bound.data_plate, bound.batch_size, dim=bound.data_dim):
