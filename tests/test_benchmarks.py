@@ -128,3 +128,12 @@ def test_mnist_table_smoke(tmp_path):
     table = (tmp_path / "mnist_table_smoke.md").read_text()
     assert "| vae |" in table and "| hh-vae |" in table and "trained on" in table
     assert "nan" not in table.lower()
+
+
+def test_lecture_models_smoke(tmp_path):
+    bench = load_benchmark("lecture_models")
+    assert bench.main(["--smoke", "--only", "ood", "kl-annealing", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "lecture_models_smoke.md").read_text()
+    assert "| ood | Bishop 1994" in table and "| kl-annealing |" in table
+    assert "nan" not in table.lower()
+    assert (tmp_path / "lecture_models_smoke" / "kl-annealing" / "kl_per_dim.png").exists()

@@ -4,6 +4,8 @@
     ppl-vae run MODEL --dataset NAME [--splits N] [--steps N] [--device cpu|cuda] [--out DIR] [--seed S]
     ppl-vae fit MODEL --dataset NAME [--fold K] --out DIR     train one split, write a resumable checkpoint
     ppl-vae evaluate CHECKPOINT [--num-samples K]      metrics of a checkpoint on its own test split
+    ppl-vae zoo NAME [--steps N] [--smoke] [--out DIR]  a lecture model (cvae, m2, poe-vae, vampprior, vade, seq-vae)
+                                                       or kl-annealing / ood / interpolation; `ppl-vae zoo list`
 
 Exit status: 0 on success; 2 on bad input (unknown data set/model, malformed CSV, a crafted or foreign checkpoint,
 a checkpoint trained with other settings, a diverging loss) with a one-line message naming the fault; 130 / 143 when
@@ -107,7 +109,7 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 #: subcommands contributed by other modules: name -> module exposing add_arguments(parser) and run(args)
 _EXTENSIONS = {"diagnose": "ppl_vae.cli.diagnose", "ugvae-experiment": "ppl_vae.experiments.ugvae",
                "impute": "ppl_vae.cli.impute", "predict": "ppl_vae.cli.predict",
-               "acquire": "ppl_vae.cli.acquire"}
+               "acquire": "ppl_vae.cli.acquire", "zoo": "ppl_vae.cli.zoo"}
 
 
 def _load_extension(module: str):

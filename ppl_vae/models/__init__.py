@@ -35,6 +35,13 @@ MODELS = {
     "beta-vae": "ppl_vae.models.image.betavae:BetaVAE",
     "gmvae": "ppl_vae.models.image.gmvae:GMVAE",
     "ml-vae": "ppl_vae.models.image.mlvae:MLVAE",
+    # the lecture models (one file each: model + guide)
+    "cvae": "ppl_vae.models.image.cvae:CVAE",
+    "m2": "ppl_vae.models.image.m2:M2",
+    "poe-vae": "ppl_vae.models.image.poe:PoEVAE",
+    "vampprior": "ppl_vae.models.image.vampprior:VampPriorVAE",
+    "vade": "ppl_vae.models.image.vade:VaDE",
+    "seq-vae": "ppl_vae.models.image.sequential:SequentialVAE",
 }
 #: the models ``ppl-vae run`` trains on tables
 TABLE_MODELS = ("vae", "vaem", "hmc-vae", "hmc-vaem", "h-vae", "h-vaem", "hh-vae", "hh-vaem", "miwae", "miwaem")

@@ -18,14 +18,23 @@ penalised more, so no layer collapses while the others absorb the information. U
 the weights are computed from detached KLs, so no gradient flows through the weights themselves.
 
 :func:`make_kl_schedule` builds one from a name (``"constant" | "linear" | "cyclical"``).
+
+:class:`KLAnnealing` applies a schedule to *any* Pyro model/guide pair without touching the model's code: a
+``poutine`` messenger that multiplies the log-density of every latent (unobserved, not enumerated) sample site by
+the current weight, in the model and the guide alike, so ``Trace_ELBO`` estimates
+``E_q[log p(x | z)] - w · KL(q(z | x) || p(z))`` (with the guide's entropy weighted too; Fu et al. 2019 §3).
+Enumerated discrete sites and observations keep weight 1. The image models (:mod:`ppl_vae.models.image`) take it
+from their ``kl_schedule`` option.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
-__all__ = ["KL_SCHEDULES", "ConstantKL", "LinearKL", "CyclicalKL", "KLBalancer", "make_kl_schedule",
+__all__ = ["KL_SCHEDULES", "KLAnnealing", "ConstantKL", "LinearKL", "CyclicalKL", "KLBalancer", "make_kl_schedule",
            "gaussian_kl_to_standard_normal"]
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
@@ -164,3 +173,35 @@ class KLBalancer:
     def weights(self) -> torch.Tensor:
         """``(L,)`` float64 weights summing to 1."""
         return self._weights.clone()
+
+
+class KLAnnealing(Messenger):
+    """Weight every latent site's log-density by ``schedule(step)``: a ``poutine`` messenger, used as
+    ``annealing(model)`` / ``annealing(guide)`` (the same instance on both, so model and guide carry one weight).
+
+    Call :meth:`set_step` before each SVI step (a :class:`~ppl_vae.models.base.TrainingStage` ``on_step`` hook).
+    Observed sites, ``pyro.plate`` subsample sites and enumerated sites (``infer={"enumerate": ...}``) are left at
+    weight 1; a weight of 0 is replaced by 1e-8 (``poutine.scale`` needs a positive scale).
+
+    Args:
+        schedule: a callable ``step -> weight`` (:class:`LinearKL`, :class:`CyclicalKL`, ...).
+
+    Attributes:
+        weight: the weight in force (float).
+
+    Source: KL annealing (Bowman et al. 2016 §3.1), cyclical annealing (Fu et al. 2019, eq. 4).
+    """
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+        self.weight = float(schedule(0))
+
+    def set_step(self, step: int) -> None:
+        """Set :attr:`weight` to ``schedule(step)``."""
+        self.weight = float(self.schedule(step))
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or site_is_subsample(msg) or msg["infer"].get("enumerate"):
+            return
+        msg["scale"] = max(self.weight, 1e-8) * msg["scale"]
