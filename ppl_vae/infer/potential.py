@@ -341,6 +341,14 @@ class BoundPotential:
         return torch.cat(locs, -1), torch.cat(scales, -1)
 
 
+def _unwrapped_support(support):
+    """The constraint to biject to: a mixture's support is its components' (``MixtureSameFamilyConstraint`` has no
+    registered bijection; e.g. a VampPrior, Tomczak & Welling 2018, or a Gaussian-mixture prior)."""
+    while hasattr(support, "base_constraint") and type(support).__name__ == "MixtureSameFamilyConstraint":
+        support = support.base_constraint
+    return support
+
+
 def _is_identity(t) -> bool:
     """Whether ``t`` is the identity (``biject_to(real)``, possibly wrapped in ``IndependentTransform``)."""
     T = torch.distributions.transforms
@@ -525,7 +533,7 @@ class TracePotential:
                                      f"plate (size {frame.size}, dim {frame.dim}) is not among its batch dims")
             if batch_size is None:
                 batch_size = frame.size
-            transform = biject_to(fn.support)
+            transform = biject_to(_unwrapped_support(fn.support))
             per_dp = value.movedim(data_pos, 0)
             u = transform.inv(per_dp)
             ushape = tuple(u.shape[1:])
