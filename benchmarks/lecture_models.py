@@ -28,7 +28,8 @@ def table(results: dict) -> str:
     lines = ["| experiment | paper | headline | value | all results |", "|---|---|---|---|---|"]
     for name, res in results.items():
         e = ZOO[name]
-        rest = ", ".join(f"{k}={_fmt(v)}" for k, v in res.items() if k not in ("experiment", e.headline))
+        rest = ", ".join(f"{k}={_fmt(v)}" for k, v in res.items()
+                         if k not in ("experiment", e.headline) and not k.endswith("figure"))
         lines.append(f"| {name} | {e.paper} | {e.headline} | {_fmt(res.get(e.headline))} | {rest} |")
     return "\n".join(lines) + "\n"
 

@@ -40,9 +40,10 @@ def base_distribution(fn):
 def _latent_site(trace, site: Optional[str]):
     latents = [s for s in sample_sites(trace) if not s["is_observed"]]
     if site is None:
-        if not latents:
-            raise ValueError("the guide has no latent site")
-        return latents[0]
+        continuous = [s for s in latents if not getattr(s["fn"].support, "is_discrete", False)]
+        if not continuous:
+            raise ValueError("the guide has no continuous latent site")
+        return continuous[0]
     for s in latents:
         if s["name"] == site:
             return s
@@ -51,7 +52,7 @@ def _latent_site(trace, site: Optional[str]):
 
 @torch.no_grad()
 def posterior_mean(guide: Callable, batch, site: Optional[str] = None) -> torch.Tensor:
-    """The guide's mean of latent ``site`` (default: its first latent site).
+    """The guide's mean of latent ``site`` (default: its first continuous latent site).
 
     Returns:
         the loc of a Gaussian guide site, else the distribution's ``mean``; shape of the site's value, e.g.
@@ -145,7 +146,7 @@ def latent_interpolation(model: Callable, guide: Callable, batch_a, batch_b, num
         batch_a, batch_b: two batches of ``P`` rows each (the pairs' endpoints); ``batch_a`` supplies the
             conditioning inputs of a conditional model.
         num, kind: see :func:`interpolate`.
-        site: the guide's latent site (default: its first).
+        site: the guide's latent site (default: its first continuous one).
         obs_site: the model's observed site.
 
     Returns:

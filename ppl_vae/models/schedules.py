@@ -30,11 +30,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["KL_SCHEDULES", "KLAnnealing", "ConstantKL", "LinearKL", "CyclicalKL", "KLBalancer", "make_kl_schedule",
+from ppl_vae.models.base import TrainingStage
+from ppl_vae.models.config import ModelConfig
+
+__all__ = ["KL_SCHEDULES", "KLAnnealing", "KLScheduleConfig", "annealed_stage", "ConstantKL", "LinearKL", "CyclicalKL", "KLBalancer", "make_kl_schedule",
            "gaussian_kl_to_standard_normal"]
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
@@ -205,3 +211,44 @@ class KLAnnealing(Messenger):
         if msg["is_observed"] or site_is_subsample(msg) or msg["infer"].get("enumerate"):
             return
         msg["scale"] = max(self.weight, 1e-8) * msg["scale"]
+
+
+@dataclass
+class KLScheduleConfig(ModelConfig):
+    """The KL-schedule options any model config can inherit (the image models' and the sequential VAE's do).
+
+    Attributes:
+        kl_schedule: weight of the latent sites' log-densities during training (:class:`KLAnnealing`):
+            ``"constant"`` (1, the plain ELBO), ``"linear"`` (warm-up over ``kl_warmup`` steps; Bowman et al. 2016)
+            or ``"cyclical"`` (``kl_cycles`` cycles over the stage, rising over ``kl_ratio`` of each; Fu et al. 2019).
+        kl_warmup, kl_cycles, kl_ratio: the schedule's sizes.
+    """
+
+    kl_schedule: str = "constant"
+    kl_warmup: int = 0
+    kl_cycles: int = 4
+    kl_ratio: float = 0.5
+
+    def check_kl_options(self) -> None:
+        """Raises ValueError naming a bad KL-schedule option."""
+        if self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"unknown kl_schedule {self.kl_schedule!r}; choose one of {KL_SCHEDULES}")
+        if self.kl_warmup < 0 or self.kl_cycles < 1 or not 0 < self.kl_ratio <= 1:
+            raise ValueError(f"need kl_warmup >= 0, kl_cycles >= 1, 0 < kl_ratio <= 1; got {self.kl_warmup}, "
+                             f"{self.kl_cycles}, {self.kl_ratio}")
+
+    def kl_annealing(self, steps: int) -> Optional[KLAnnealing]:
+        """The :class:`KLAnnealing` messenger of a stage of ``steps`` steps, or ``None`` for ``"constant"``."""
+        if self.kl_schedule == "constant":
+            return None
+        return KLAnnealing(make_kl_schedule(self.kl_schedule, warmup=self.kl_warmup, total=steps,
+                                            cycles=self.kl_cycles, ratio=self.kl_ratio))
+
+
+def annealed_stage(cfg: KLScheduleConfig, name: str, model, guide, loss, steps: int, lr: float) -> TrainingStage:
+    """A :class:`~ppl_vae.models.base.TrainingStage` on ``model`` / ``guide`` under ``cfg``'s KL schedule (the
+    same :class:`KLAnnealing` wraps both, advanced by the stage's ``on_step``); the plain stage for ``"constant"``."""
+    annealing = cfg.kl_annealing(steps)
+    if annealing is None:
+        return TrainingStage(name, model, guide, loss, steps, lr)
+    return TrainingStage(name, annealing(model), annealing(guide), loss, steps, lr, on_step=annealing.set_step)

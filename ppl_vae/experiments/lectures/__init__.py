@@ -45,7 +45,7 @@ ZOO = {
     "poe-vae": ZooEntry("poe", ("poe-vae",), "Wu & Goodman 2018",
                         "posterior width from one vs both modalities; label->image generation", "cross_generation_accuracy"),
     "vampprior": ZooEntry("vampprior", ("vampprior",), "Tomczak & Welling 2018",
-                          "IW test log-likelihood, VampPrior vs N(0, I) prior", "iw_ll_gain"),
+                          "IW test log-likelihood, VampPrior vs N(0, I) prior", "iw_ll_difference"),
     "vade": ZooEntry("vade", ("vade", "gmvae"), "Jiang et al. 2017",
                      "unsupervised clustering accuracy vs GMVAE", "vade_accuracy"),
     "seq-vae": ZooEntry("sequential", ("seq-vae",), "Denton & Fergus 2018",

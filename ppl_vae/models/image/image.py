@@ -29,7 +29,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import LatentVariableModel, TrainingStage
-from ppl_vae.models.config import ModelConfig, resolve_config
+from ppl_vae.models.config import resolve_config
+from ppl_vae.models.schedules import KLScheduleConfig, annealed_stage
 from ppl_vae.nn import MLP, ConvDecoder28, ConvEncoder28
 
 __all__ = ["ARCHS", "LIKELIHOODS", "ImageModelConfig", "ImageModel", "LocalImageLatent", "build_image_encoder",
@@ -196,7 +197,7 @@ class LocalImageLatent:
 
 
 @dataclass
-class ImageModelConfig(ModelConfig):
+class ImageModelConfig(KLScheduleConfig):
     """Options every image model shares (the family configs add their latent sizes).
 
     Attributes:
@@ -205,11 +206,8 @@ class ImageModelConfig(ModelConfig):
         likelihood: ``"bernoulli"`` or ``"gaussian"`` (see :func:`pixel_likelihood`).
         hidden: hidden width of the shared networks.
         pixel_scale: fixed Gaussian scale, or ``None`` to learn it (Gaussian likelihood only).
-        kl_schedule: weight of the latent sites' log-densities during training (:class:`~ppl_vae.models.schedules.
-            KLAnnealing`): ``"constant"`` (1, the plain ELBO), ``"linear"`` (warm-up over ``kl_warmup`` steps;
-            Bowman et al. 2016) or ``"cyclical"`` (``kl_cycles`` cycles over the stage, rising over ``kl_ratio`` of
-            each; Fu et al. 2019).
-        kl_warmup, kl_cycles, kl_ratio: the schedule's sizes.
+        kl_schedule, kl_warmup, kl_cycles, kl_ratio: the KL schedule of training
+            (:class:`~ppl_vae.models.schedules.KLScheduleConfig`; default ``"constant"``, the plain ELBO).
     """
 
     x_dim: int = 784
@@ -217,10 +215,6 @@ class ImageModelConfig(ModelConfig):
     likelihood: str = "bernoulli"
     hidden: int = 256
     pixel_scale: Optional[float] = None
-    kl_schedule: str = "constant"
-    kl_warmup: int = 0
-    kl_cycles: int = 4
-    kl_ratio: float = 0.5
 
 
 class ImageModel(LatentVariableModel):
@@ -256,7 +250,7 @@ class ImageModel(LatentVariableModel):
         for name in self.size_options():
             if not getattr(cfg, name) > 0:
                 raise ValueError(f"{type(self).__name__}: {name} must be positive, got {getattr(cfg, name)}")
-        self._check_kl_options(cfg)
+        cfg.check_kl_options()
         self.validate(cfg)
         self.cfg = cfg
         self.x_dim, self.likelihood = cfg.x_dim, cfg.likelihood
@@ -276,33 +270,14 @@ class ImageModel(LatentVariableModel):
     def validate(self, cfg: ImageModelConfig) -> None:
         """Family-specific checks beyond sizes and architecture (none here). Raises on a bad option."""
 
-    def _check_kl_options(self, cfg: ImageModelConfig) -> None:
-        from ppl_vae.models.schedules import KL_SCHEDULES
-
-        if cfg.kl_schedule not in KL_SCHEDULES:
-            raise ValueError(f"unknown kl_schedule {cfg.kl_schedule!r}; choose one of {KL_SCHEDULES}")
-        if cfg.kl_warmup < 0 or cfg.kl_cycles < 1 or not 0 < cfg.kl_ratio <= 1:
-            raise ValueError(f"need kl_warmup >= 0, kl_cycles >= 1, 0 < kl_ratio <= 1; got {cfg.kl_warmup}, "
-                             f"{cfg.kl_cycles}, {cfg.kl_ratio}")
-
     def kl_annealing(self, steps: int):
         """The :class:`~ppl_vae.models.schedules.KLAnnealing` messenger of a stage of ``steps`` steps, or ``None``
         for ``kl_schedule="constant"`` (the plain ELBO)."""
-        from ppl_vae.models.schedules import KLAnnealing, make_kl_schedule
-
-        cfg = self.cfg
-        if cfg.kl_schedule == "constant":
-            return None
-        return KLAnnealing(make_kl_schedule(cfg.kl_schedule, warmup=cfg.kl_warmup, total=steps,
-                                            cycles=cfg.kl_cycles, ratio=cfg.kl_ratio))
+        return self.cfg.kl_annealing(steps)
 
     def elbo_stage(self, name: str, loss, steps: int, lr: float) -> TrainingStage:
         """A stage on ``self.model`` / ``self.guide`` with ``loss``, under the KL schedule when one is set."""
-        annealing = self.kl_annealing(steps)
-        if annealing is None:
-            return TrainingStage(name, self.model, self.guide, loss, steps, lr)
-        return TrainingStage(name, annealing(self.model), annealing(self.guide), loss, steps, lr,
-                             on_step=annealing.set_step)
+        return annealed_stage(self.cfg, name, self.model, self.guide, loss, steps, lr)
 
     def build_decoder(self, latent_dim: int) -> nn.Module:
         """The shared decoder from a ``latent_dim`` code (:func:`build_image_decoder` with this model's options)."""
