@@ -157,8 +157,6 @@ def test_stages_sample_and_iw_likelihood():
     assert [s.name for s in VaDE(pretrain_fraction=0.0).training_stages(10)] == ["vade"]
     assert [s.steps for s in VaDE(pretrain_fraction=0.9).training_stages(1)] == [1]
     assert m.sample(2, 4).shape == (2, 4, 5)
-    with pytest.raises(ValueError, match="cluster"):
-        m.sample(1, 1, cluster=3)
     with pytest.raises(ValueError, match="init_from_data"):
         m.init_from_data(torch.randn(2, 5))
     batch = _batch(torch.randn(4, 5))

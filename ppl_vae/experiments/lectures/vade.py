@@ -20,7 +20,7 @@ __all__ = ["run"]
 
 def _with_init_probe(model, images, labels, record: dict):
     """Wrap ``model.training_stages`` so the accuracy right after the GMM initialisation (the pre-trained
-    autoencoder + GMM of Jiang et al. §3.3, before any VaDE step) is stored in ``record["init_accuracy"]``."""
+    autoencoder + GMM of Jiang et al. 2017, before any VaDE step) is stored in ``record["init_accuracy"]``."""
     from ppl_vae.experiments.lectures.clustering import cluster_accuracy
 
     stages_of = model.training_stages

@@ -1,7 +1,7 @@
 """VaDE: Variational Deep Embedding (Jiang, Zheng, Tan, Tang & Zhou 2017, IJCAI, "Variational Deep Embedding: An
 Unsupervised and Generative Approach to Clustering").
 
-Generative model (paper §3.1, eq. 1-3)::
+Generative model (paper §3.1)::
 
     for i in plate("data", B):
         c_i ~ Cat(pi),  pi = softmax(pi_logits)       learned cluster weights; enumerated
@@ -10,12 +10,13 @@ Generative model (paper §3.1, eq. 1-3)::
 
 Guide ``q(z_i | x_i) q(c_i | z_i)`` with ``q(c | z) = gamma(z) = p(c | z)``, the posterior responsibility of the
 model's current mixture (paper eq. 16, the q(c | x) that maximises the ELBO for a given z), enumerated on the guide
-side, so :class:`pyro.infer.TraceEnum_ELBO` computes exactly the VaDE ELBO (eq. 10-12) with one draw of z.
+side, so :class:`pyro.infer.TraceEnum_ELBO` computes exactly the VaDE ELBO (paper §3.2) with one draw of z.
 ``gamma`` is computed from *detached* prior parameters and z: at ``q(c | z) = p(c | z)`` the ELBO is stationary in
 ``q(c | z)`` (its inner sum equals ``log p(z)``), so the gradient through ``gamma`` is exactly zero and detaching
 changes no gradient; it only saves a backward pass and keeps ``gamma`` out of the graph.
 
-Training (:meth:`VaDE.training_stages`, paper §3.3 "pretrain an autoencoder, then fit a GMM on its codes"): stage
+Training (:meth:`VaDE.training_stages`; the paper's experimental setup pre-trains an autoencoder, then fits a GMM to
+its codes): stage
 ``"pretrain"`` fits encoder/decoder with a standard-normal prior (``pretrain="vae"``: the VAE ELBO; ``"ae"``:
 amortised MAP codes, a ``Delta`` guide, i.e. an autoencoder with an L2 penalty on the codes); its guide keeps the
 last ``gmm_rows`` input rows; at step 0 of stage ``"vade"`` a diagonal :class:`sklearn.mixture.GaussianMixture` is
@@ -130,7 +131,7 @@ class VaDE(LocalImageLatent, ImageModel):
             pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
 
     def pretrain_model(self, batch: Batch) -> None:
-        """Stage-1 model p(x | z) N(z | 0, I), no mixture (its parameters are not registered, hence not trained)."""
+        """Stage-1 model p(x | z) N(z | 0, I): the mixture parameters are not registered, hence not trained."""
         for part in ("encoder", "z_head", "decoder", "pixel_scale"):
             if getattr(self, part) is not None:
                 pyro.module(f"{self.pyro_name}_{part}", getattr(self, part))
@@ -150,7 +151,7 @@ class VaDE(LocalImageLatent, ImageModel):
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, seed: Optional[int] = None) -> None:
         """Set ``pi, mu, sigma`` from a diagonal GaussianMixture (scikit-learn) fitted to the encoder means of
-        ``images (N, x_dim)`` (Jiang et al. 2017 §3.3). ``seed`` defaults to a draw from torch's RNG.
+        ``images (N, x_dim)`` (as in Jiang et al. 2017's experiments). ``seed`` defaults to a draw from torch's RNG.
 
         Raises:
             ValueError: ``images`` is not ``(N, x_dim)`` with ``N >= num_clusters``.
@@ -162,7 +163,8 @@ class VaDE(LocalImageLatent, ImageModel):
                              f"got {tuple(images.shape)}")
         z = torch.cat([self.z_head(self.encoder(x))[0] for x in images.to(self.cluster_loc.device).split(2048)])
         seed = int(torch.randint(2 ** 31 - 1, ())) if seed is None else seed
-        gmm = GaussianMixture(self.num_clusters, covariance_type="diag", n_init=5, random_state=seed).fit(z.double().cpu())
+        gmm = GaussianMixture(self.num_clusters, covariance_type="diag", n_init=5, random_state=seed)
+        gmm.fit(z.double().cpu())
         like = self.cluster_loc
         self.pi_logits.copy_(torch.as_tensor(gmm.weights_).log().to(like))
         self.cluster_loc.copy_(torch.as_tensor(gmm.means_).to(like))
@@ -177,7 +179,7 @@ class VaDE(LocalImageLatent, ImageModel):
     def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
         """``"pretrain"`` (``Trace_ELBO``, ``round(pretrain_fraction * steps)`` steps, at most ``steps - 1``) then
         ``"vade"`` (``TraceEnum_ELBO(max_plate_nesting=1)``, the rest; the GMM fit runs before its first step).
-        A run resumed at the start of ``"vade"`` has no kept rows and starts from the pre-trained mixture as is."""
+        A run resumed exactly at the start of ``"vade"`` has no kept rows: call :meth:`init_from_data` before it."""
         import pyro.infer
 
         first = min(int(round(self.cfg.pretrain_fraction * steps)), steps - 1)
@@ -191,6 +193,7 @@ class VaDE(LocalImageLatent, ImageModel):
     @torch.no_grad()
     def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
         """``gamma(E_q[z | x])``: cluster posteriors at the posterior mean. Shapes: ``(N, x_dim) -> (N, K)``."""
+        x = x.to(self.cluster_loc.device)
         return torch.cat([self.cluster_log_posterior(self.z_head(self.encoder(c))[0]).exp() for c in x.split(2048)])
 
     def cluster(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,17 +202,11 @@ class VaDE(LocalImageLatent, ImageModel):
 
     @torch.no_grad()
     def sample(self, num_batches: int, batch_size: int, generator: Optional[torch.Generator] = None,
-               device: Optional[torch.device] = None, cluster: Optional[int] = None) -> torch.Tensor:
-        """Ancestral mean images, ``c ~ Cat(pi)`` (or ``c = cluster``), ``z ~ N(mu_c, sigma_c^2)``.
-        Shapes: ``-> (num_batches, batch_size, x_dim)``. Raises ValueError: ``cluster`` not in ``0..K-1``."""
+               device: Optional[torch.device] = None) -> torch.Tensor:
+        """Ancestral mean images: ``c ~ Cat(pi)``, ``z ~ N(mu_c, sigma_c^2)``. Shapes: ``-> (num_batches,
+        batch_size, x_dim)``."""
         device = device or self.cluster_loc.device
-        log_pi, loc, scale = self.cluster_params()
-        if cluster is None:
-            c = torch.multinomial(log_pi.exp().to(device), num_batches * batch_size, True, generator=generator)
-        elif 0 <= cluster < self.num_clusters:
-            c = torch.full((num_batches * batch_size,), int(cluster), device=device)
-        else:
-            raise ValueError(f"cluster must be in 0..{self.num_clusters - 1}, got {cluster}")
-        c = c.reshape(num_batches, batch_size)
+        log_pi, loc, scale = (p.to(device) for p in self.cluster_params())
+        c = torch.multinomial(log_pi.exp(), num_batches * batch_size, True, generator=generator)
         eps = torch.randn(num_batches, batch_size, self.dim_z, generator=generator, device=device, dtype=loc.dtype)
-        return self.generate(loc.to(device)[c] + scale.to(device)[c] * eps)
+        return self.generate(loc[c].reshape(eps.shape) + scale[c].reshape(eps.shape) * eps)
