@@ -155,6 +155,11 @@ def test_stages_sample_and_iw_likelihood():
     assert [(s.name, s.steps) for s in stages] == [("pretrain", 25), ("vade", 75)]
     assert isinstance(stages[1].loss, pyro.infer.TraceEnum_ELBO) and stages[1].on_step is not None
     assert [s.name for s in VaDE(pretrain_fraction=0.0).training_stages(10)] == ["vade"]
+    annealed = VaDE(x_dim=5, dim_z=2, num_clusters=3, likelihood="gaussian", hidden=8, kl_schedule="linear",
+                    kl_warmup=10).training_stages(20)[1]
+    annealed.on_step(0)                                          # no kept rows: no GMM fit, the schedule still runs
+    tr = pyro.poutine.trace(annealed.guide).get_trace(_batch(torch.randn(3, 5)))
+    assert tr.nodes["z"]["scale"] == pytest.approx(0.1) and tr.nodes["c"]["scale"] == 1.0
     assert [s.steps for s in VaDE(pretrain_fraction=0.9).training_stages(1)] == [1]
     assert m.sample(2, 4).shape == (2, 4, 5)
     with pytest.raises(ValueError, match="init_from_data"):

@@ -178,13 +178,15 @@ class VaDE(LocalImageLatent, ImageModel):
 
     def training_stages(self, steps: int, lr: float = 5e-3) -> list[TrainingStage]:
         """``"pretrain"`` (``Trace_ELBO``, ``round(pretrain_fraction * steps)`` steps, at most ``steps - 1``) then
-        ``"vade"`` (``TraceEnum_ELBO(max_plate_nesting=1)``, the rest; the GMM fit runs before its first step).
+        ``"vade"`` (``TraceEnum_ELBO(max_plate_nesting=1)``, the rest; the GMM fit runs before its first step;
+        the config's ``kl_schedule`` applies to this stage only).
         A run resumed exactly at the start of ``"vade"`` has no kept rows: call :meth:`init_from_data` before it."""
         import pyro.infer
 
         first = min(int(round(self.cfg.pretrain_fraction * steps)), steps - 1)
-        vade = TrainingStage("vade", self.model, self.guide, pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
-                             steps - first, lr, on_step=self._init_mixture)
+        vade = self.elbo_stage("vade", pyro.infer.TraceEnum_ELBO(max_plate_nesting=1), steps - first, lr)
+        anneal = vade.on_step                                  # the config's KL schedule, if any
+        vade.on_step = lambda t: (self._init_mixture(t), anneal is not None and anneal(t))
         if first == 0:
             return [vade]
         return [TrainingStage("pretrain", self.pretrain_model, self.pretrain_guide, pyro.infer.Trace_ELBO(),
