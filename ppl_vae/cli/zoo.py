@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Run ``ppl-vae zoo``; prints the result as JSON; returns the exit status."""
-    from ppl_vae.errors import PplVaeError, UnknownNameError
+    from ppl_vae.errors import PplVaeError
     from ppl_vae.experiments import lectures
     from ppl_vae.pipeline import resolve_device
 
@@ -45,10 +45,7 @@ def run(args) -> int:
                "progress": not args.no_progress}
     if args.steps is not None:
         options["steps"] = args.steps
-    try:
-        result = lectures.run(args.name, args.out, **options)
-    except UnknownNameError as exc:
-        raise PplVaeError(str(exc)) from None
+    result = lectures.run(args.name, args.out, **options)      # an unknown name: UnknownNameError, exit 2
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if args.out is not None:

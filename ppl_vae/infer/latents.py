@@ -14,6 +14,7 @@ conditional model reads its condition, e.g. a CVAE's class, from the batch it is
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Optional
 
 import pyro
@@ -94,7 +95,7 @@ def decode_mean(model: Callable, batch, latents: Mapping[str, torch.Tensor], obs
     flat = {k: v.reshape((-1,) + tuple(v.shape[len(grid):])) if grid else v for k, v in latents.items()}
     conditioned = poutine.condition(model, data=flat)
     if grid:
-        with pyro.plate("latent_grid", int(torch.tensor(grid).prod()), dim=-(nesting + 1)):
+        with pyro.plate("latent_grid", math.prod(grid), dim=-(nesting + 1)):
             tr = poutine.trace(conditioned).get_trace(batch)
     else:
         tr = poutine.trace(conditioned).get_trace(batch)

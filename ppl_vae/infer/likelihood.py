@@ -119,6 +119,13 @@ def log_importance_weights(model: Callable, guide: Callable, batch, num_particle
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
     model, guide = no_enumeration(model), no_enumeration(guide)
+    return _log_weights(model, guide, batch, num_particles, data_plate, _checked_nesting(model, guide, batch,
+                                                                                         data_plate))
+
+
+def _checked_nesting(model: Callable, guide: Callable, batch, data_plate: str) -> int:
+    """The plate nesting of a prototype guide + replayed model run; raises LikelihoodError for a site outside
+    ``data_plate``."""
     proto_guide = poutine.trace(guide).get_trace(batch)
     proto_model = poutine.trace(poutine.replay(model, trace=proto_guide)).get_trace(batch)
     for tr in (proto_guide, proto_model):
@@ -127,7 +134,12 @@ def log_importance_weights(model: Callable, guide: Callable, batch, num_particle
                 kind = "observed" if site["is_observed"] else "latent"
                 raise LikelihoodError(f"{kind} site {site['name']!r} lies outside plate {data_plate!r}: a global "
                                       "site has no per-datapoint importance weight")
-    nesting = max(plate_nesting(proto_guide), plate_nesting(proto_model))
+    return max(plate_nesting(proto_guide), plate_nesting(proto_model))
+
+
+def _log_weights(model: Callable, guide: Callable, batch, num_particles: int, data_plate: str,
+                 nesting: int) -> torch.Tensor:
+    """:func:`log_importance_weights` of enumeration-free programs whose plate nesting is known."""
     with pyro.plate("iw_particles", num_particles, dim=-(nesting + 1)):
         guide_tr = poutine.trace(guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
@@ -167,11 +179,15 @@ def iw_log_likelihood(model: Callable, guide: Callable, batch, num_particles: in
     Raises:
         LikelihoodError, ValueError: see :func:`log_importance_weights`.
     """
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
     chunk = num_particles if chunk is None else max(1, int(chunk))
+    model, guide = no_enumeration(model), no_enumeration(guide)
+    nesting = _checked_nesting(model, guide, batch, data_plate)          # one prototype run for every chunk
     parts, left = [], num_particles
     while left > 0:
         k = min(chunk, left)
-        parts.append(log_importance_weights(model, guide, batch, k, data_plate))
+        parts.append(_log_weights(model, guide, batch, k, data_plate, nesting))
         left -= k
     log_w = torch.cat(parts, 0)
     return torch.logsumexp(log_w, 0) - math.log(num_particles)

@@ -105,10 +105,14 @@ def labelled_batches(images: torch.Tensor, labels: Optional[torch.Tensor], batch
 
 def digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3, seed: int = 0):
     """The package's digit CNN (:class:`ppl_vae.experiments.ugvae.frechet.DigitClassifier`) trained on
-    ``images (N, 784)`` / ``labels (N,)``, cached per process by the data's identity, size, epochs and seed."""
+    ``images (N, 784)`` / ``labels (N,)``, cached per process by a hash of the data's contents, epochs and seed."""
+    import hashlib
+
     from ppl_vae.experiments.ugvae.frechet import train_digit_classifier
 
-    key = (id(images), images.shape[0], float(images[:64].sum()), epochs, seed)
+    digest = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    key = (digest.hexdigest(), epochs, seed)
     if key not in _CLASSIFIERS:
         _CLASSIFIERS[key] = train_digit_classifier(images, labels, epochs=epochs, seed=seed)
     return _CLASSIFIERS[key]

@@ -270,11 +270,6 @@ class ImageModel(LatentVariableModel):
     def validate(self, cfg: ImageModelConfig) -> None:
         """Family-specific checks beyond sizes and architecture (none here). Raises on a bad option."""
 
-    def kl_annealing(self, steps: int):
-        """The :class:`~ppl_vae.models.schedules.KLAnnealing` messenger of a stage of ``steps`` steps, or ``None``
-        for ``kl_schedule="constant"`` (the plain ELBO)."""
-        return self.cfg.kl_annealing(steps)
-
     def elbo_stage(self, name: str, loss, steps: int, lr: float) -> TrainingStage:
         """A stage on ``self.model`` / ``self.guide`` with ``loss``, under the KL schedule when one is set."""
         return annealed_stage(self.cfg, name, self.model, self.guide, loss, steps, lr)
