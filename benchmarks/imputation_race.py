@@ -1,6 +1,6 @@
 """The imputation race (issue 12): our models against the imputers practitioners reach for, on the same folds.
 
-Protocol (the package's own, METHODS §8): ``dataset.splits(n_splits=10, seed)`` K-fold splits, the first
+Protocol (the package's own, Peis et al. 2022 §4): ``dataset.splits(n_splits=10, seed)`` K-fold splits, the first
 ``--folds`` of them; every method is fitted on the training rows (natural missingness only) and imputes the test
 rows with the split's seeded 50% MCAR mask hidden (``split.test_mask``), the target hidden. Scores on the hidden
 cells, all in original units:

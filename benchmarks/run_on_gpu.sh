@@ -15,7 +15,7 @@ OUT=${1:-${OUT:-/tmp/ppl_vae_gpu}}; L="$OUT/logs"; mkdir -p "$L"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_NUM_THREADS=1
 PY=${PYTHON:-python3}
 UCI_STEPS=${UCI_STEPS:-3000}; UCI_SPLITS=${UCI_SPLITS:-3}; RUN_STEPS=${RUN_STEPS:-3000}; JOB_TIMEOUT=${JOB_TIMEOUT:-330}
-UCI_DATASETS=${UCI_DATASETS:-"boston yacht energy concrete diabetes wine-quality-red"}
+UCI_DATASETS=${UCI_DATASETS:-"boston yacht energy concrete diabetes wine"}
 SUMMARY="$OUT/summary.md"
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -93,7 +93,7 @@ say ""; say "outputs: $OUT (summary.md, logs/, gpu_results.tgz)"
 NPROC=$(nproc)
 python3 benchmarks/mnist_table.py --splits 3 --steps 20000 --num-samples 1000 --device cuda --out "$L/mnist" \
   > "$L/mnist.log" 2>&1 &
-for p in paper default; do for d in boston concrete energy yacht diabetes wine-quality-red naval avocado insurance; do
+for p in paper default; do for d in boston concrete energy yacht diabetes wine naval avocado insurance; do
   for m in vaem miwaem h-vaem hmc-vaem hh-vaem vae miwae h-vae hmc-vae hh-vae; do
     while [ "$(jobs -rp | wc -l)" -ge "$NPROC" ]; do sleep 5; done
     OMP_NUM_THREADS=1 python3 benchmarks/uci_table.py --protocol $p --datasets $d --models $m --splits 10 \

@@ -280,7 +280,7 @@ def _proposal(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def eddi_reward(model, batch: Batch, draws, candidates: torch.Tensor, *, num_samples: Optional[int] = None,
                 max_rows: int = 65536) -> torch.Tensor:
-    """The EDDI latent-space reward (Ma et al. 2019, ICML, §3.2; METHODS of the KL form):
+    """The EDDI latent-space reward (Ma et al. 2019, ICML, §3.2, the KL form):
 
     ``R(i, x_O) = E_{x_i ~ p(x_i | x_O)} KL[q(z | x_i, x_O) ‖ q(z | x_O)]
     − E_{(x_i, y) ~ p(x_i, y | x_O)} KL[q(z | y, x_i, x_O) ‖ q(z | y, x_O)]``,

@@ -1,4 +1,4 @@
-"""Likelihood heads for mixed-type, partially observed tables (METHODS §1; Ma et al. 2020, Peis et al. 2022 §2).
+"""Likelihood heads for mixed-type, partially observed tables (Ma et al. 2020; Peis et al. 2022 §2).
 
 A decoder emits one flat parameter vector per row, ``(..., batch, param_dim)``; :class:`MixedLikelihood` slices it
 into per-column parameters, builds one ``torch`` distribution per likelihood type (``gaussian``,
@@ -276,7 +276,7 @@ class MixedLikelihood(nn.Module):
         return out
 
     def fill_features(self, params: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x̂`` of the predictor (METHODS §3): observed entries' features, the model's expected features on
+        """``x̂`` of the predictor (Peis et al. 2022 §3.2): observed entries' features, the model's expected features on
         missing entries. Shapes: ``params (..., batch, param_dim)``, ``x``/``mask`` ``(batch, D)`` ->
         ``(..., batch, feature_dim)``."""
         fmask = self.feature_mask(mask.bool())

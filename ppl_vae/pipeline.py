@@ -1,4 +1,4 @@
-"""The main job: a table data set -> seeded K-fold splits -> train a model per split -> METHODS §8 metrics.
+"""The main job: a table data set -> seeded K-fold splits -> train a model per split -> the HH-VAEM paper's metrics (Peis et al. 2022 §4).
 
 Used by the CLI (``ppl-vae run|fit|evaluate``), the benchmarks and the notebooks, so all of them follow one
 protocol. Every split's model is checkpointed (resumable) under ``out/fold<k>/checkpoint.pt``; results go to
@@ -211,7 +211,7 @@ def run_experiment(model_name: str, dataset: TableDataset, *, splits: Optional[i
                    progress: bool = True, model_kwargs: Optional[Mapping[str, Any]] = None,
                    data_spec: Optional[Mapping[str, Any]] = None, checkpoint_every: int = 500,
                    overwrite: bool = False, num_processes: int = 1) -> xr.Dataset:
-    """Train and evaluate ``model_name`` on the first ``splits`` of ``folds`` seeded K-fold splits (METHODS §8).
+    """Train and evaluate ``model_name`` on the first ``splits`` of ``folds`` seeded K-fold splits (Peis et al. 2022 §4).
 
     Args:
         model_name: a table model name (``vae``, ``vaem``, ...).

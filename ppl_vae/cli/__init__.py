@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="list the named data sets with shapes and column types")
 
-    run = sub.add_parser("run", help="train + evaluate a model on K-fold splits (METHODS §8)")
+    run = sub.add_parser("run", help="train + evaluate a model on K-fold splits (Peis et al. 2022 protocol)")
     run.add_argument("model", help=f"a table model: {', '.join(TABLE_MODELS)} (image models: `ppl-vae "
                                    "ugvae-experiment`)")
     _add_data_args(run)

@@ -2,14 +2,14 @@
 
 Modules (one idea each):
 
-- :mod:`ppl_vae.data.schema`: per-column likelihoods and their inference rules (METHODS §1);
+- :mod:`ppl_vae.data.schema`: per-column likelihoods and their inference rules (the HH-VAEM reference code's);
 - :mod:`ppl_vae.data.transforms`: the invertible :class:`Normaliser` (original <-> normalised domain);
 - :mod:`ppl_vae.data.dataset`: :class:`TableDataset` and the validated user entry points
   :func:`from_dataframe` / :func:`from_csv`;
 - :mod:`ppl_vae.data.registry`: the built-in data sets (:data:`DATASETS`, :func:`load_dataset`), read from the
   vendored files in ``ppl_vae/data/files`` (provenance in ``files/PROVENANCE.md``);
 - :mod:`ppl_vae.data.tables`: :class:`TensorTable`, :class:`Split`, train-time missingness and the minibatch loader
-  (METHODS §8 protocol).
+  (Peis et al. 2022 §4 protocol).
 
 Typical use::
 

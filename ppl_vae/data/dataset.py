@@ -2,7 +2,7 @@
 (:func:`from_dataframe`, :func:`from_csv`).
 
 A :class:`TableDataset` keeps the original values (NaN = missing) and the :class:`TableSchema`; normalisation happens
-per split (:meth:`TableDataset.splits`), with the :class:`Normaliser` fitted on training rows only (METHODS §8).
+per split (:meth:`TableDataset.splits`), with the :class:`Normaliser` fitted on training rows only (Peis et al. 2022 §4).
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class TableDataset:
         return TensorTable.from_arrays(x, y, rows)
 
     def splits(self, n_splits: int = 10, seed: int = 0, test_missing_rate: float = 0.5) -> list[Split]:
-        """Seeded train/test splits of the METHODS §8 protocol (Peis et al. 2022).
+        """Seeded train/test splits of the HH-VAEM evaluation protocol (Peis et al. 2022 §4).
 
         ``n_splits >= 2``: ``sklearn.model_selection.KFold(n_splits, shuffle=True, random_state=seed)``, the folds
         partition the rows. ``n_splits == 1``: one seeded 90/10 split (``train_test_split(test_size=0.1,
@@ -437,7 +437,7 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
 
     Column names are converted to ``str`` and rows re-indexed ``0..N-1``. Rows whose target is NaN are kept
     (their ``y_mask`` is ``False``). Without a schema, :func:`~ppl_vae.data.schema.infer_schema` applies the
-    METHODS §1 rules (and warns, :class:`~ppl_vae.data.schema.SchemaWarning`, on mostly-numeric text, identifier
+    reference HH-VAEM code's rules (Peis et al. 2022; and warns, :class:`~ppl_vae.data.schema.SchemaWarning`, on mostly-numeric text, identifier
     and date-like columns); with one, its feature columns must match the frame exactly (any order; the data set
     uses the schema order), and missing discrete categories are read from the data.
 
@@ -448,7 +448,7 @@ def from_dataframe(df: pd.DataFrame, target: str | None = None, schema: TableSch
             ``{"columns": {name: likelihood or {"likelihood", "categories"}}, "target": name, "drop": [names]}``
             (the named columns as declared, every other column inferred), or ``None`` (infer everything).
         name: data set name.
-        max_categories: discreteness threshold for inference (METHODS §1).
+        max_categories: discreteness threshold for inference (< 10 levels: discrete, as the HH-VAEM reference code).
         target_likelihood: override the target likelihood (inference only; with a schema declare it there).
         drop: columns to remove before anything else (e.g. an identifier column the inference warned about).
         warn: emit the inference warnings (``False`` silences them).

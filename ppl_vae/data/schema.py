@@ -1,4 +1,4 @@
-"""Column schema of a mixed-type table: one likelihood per column (METHODS §1).
+"""Column schema of a mixed-type table: one likelihood per column (Ma et al. 2020; Peis et al. 2022).
 
 A :class:`TableSchema` says, for every feature column and for the optional target, which likelihood models it and,
 for discrete columns, which original values the category codes ``0..K-1`` stand for. :func:`infer_schema` applies the
@@ -43,7 +43,7 @@ __all__ = ["LIKELIHOODS", "DISCRETE_LIKELIHOODS", "REAL_LIKELIHOODS", "Column", 
            "sorted_categories", "to_python_scalar", "SchemaWarning", "column_warnings", "check_dtypes",
            "format_schema"]
 
-#: Every per-column likelihood the package knows (METHODS §1).
+#: Every per-column likelihood the package knows (Ma et al. 2020; Peis et al. 2022).
 LIKELIHOODS: tuple[str, ...] = ("gaussian", "loggaussian", "bernoulli", "categorical", "poisson")
 #: Likelihoods whose values are category codes ``0..K-1``.
 DISCRETE_LIKELIHOODS: tuple[str, ...] = ("bernoulli", "categorical")
@@ -324,7 +324,7 @@ def _infer_column(s: pd.Series, max_categories: int, is_target: bool = False) ->
 
 def infer_schema(features: pd.DataFrame, target: pd.Series | None = None, max_categories: int = 10,
                  target_likelihood: str | None = None, warn: bool = True) -> TableSchema:
-    """Infer one likelihood per column with the METHODS §1 rules (reference HH-VAEM / VAEM code).
+    """Infer one likelihood per column with the reference HH-VAEM / VAEM code's rules (Peis et al. 2022; Ma et al. 2020).
 
     Args:
         features: ``(N, D)`` data frame of original values; NaN = missing (ignored by the rules).

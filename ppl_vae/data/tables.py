@@ -1,6 +1,6 @@
 """Tensors of a normalised table, seeded train/test splits, train-time missingness and minibatch loading.
 
-Evaluation protocol of METHODS §8 (Peis et al. 2022, HH-VAEM): seeded K-fold splits; the :class:`Normaliser` is fit on
+Evaluation protocol of Peis et al. 2022 (HH-VAEM, §4): seeded K-fold splits; the :class:`Normaliser` is fit on
 the training fold only; during training every row of every minibatch draws a fresh missing rate
 ``rho ~ U(0.01, 0.99)`` and each observed entry of ``x`` and ``y`` is kept with probability ``1 - rho``
 (:func:`sample_train_mask`); at test time a fixed, seeded ~50% MCAR mask hides observed ``x`` entries and ``y`` is
@@ -20,7 +20,7 @@ from ppl_vae.models.base import Batch
 __all__ = ["TensorTable", "Split", "sample_train_mask", "RHO_LOW", "RHO_HIGH", "seed_for",
            "require_batch", "require_split"]
 
-#: Bounds of the per-row train-time missing rate ``rho ~ U(RHO_LOW, RHO_HIGH)`` (METHODS §8).
+#: Bounds of the per-row train-time missing rate ``rho ~ U(RHO_LOW, RHO_HIGH)`` (Peis et al. 2022 §4).
 RHO_LOW, RHO_HIGH = 0.01, 0.99
 
 
@@ -33,7 +33,7 @@ def seed_for(*parts: int) -> int:
 
 def sample_train_mask(x_mask: torch.Tensor, y_mask: Optional[torch.Tensor],
                       generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Train-time missingness of METHODS §8 / Peis et al. 2022: each row ``n`` draws ``rho_n ~ U(0.01, 0.99)`` and
+    """Train-time missingness of Peis et al. 2022 §4: each row ``n`` draws ``rho_n ~ U(0.01, 0.99)`` and
     each *observed* entry of that row (every ``x`` column and the ``y`` entry) is kept with probability
     ``1 - rho_n``. Entries that are already missing stay missing.
 
@@ -119,7 +119,7 @@ class TensorTable:
 
     def loader(self, batch_size: int, seed: int, train_missingness: bool = True, device=None,
                drop_last: bool = True) -> Iterator[Batch]:
-        """Infinite minibatch iterator over shuffled epochs (METHODS §8 training protocol).
+        """Infinite minibatch iterator over shuffled epochs (Peis et al. 2022 training protocol).
 
         Each epoch is a permutation drawn from ``torch.Generator().manual_seed(seed)``. With ``train_missingness``
         every drawn batch passes through :func:`sample_train_mask` (fresh ``rho ~ U(0.01, 0.99)`` per row; each
@@ -169,7 +169,7 @@ def _rows(rows, device):
 
 @dataclass
 class Split:
-    """One train/test split of a data set (METHODS §8, seeded).
+    """One train/test split of a data set (Peis et al. 2022 §4, seeded).
 
     Attributes:
         fold: fold number ``0..n_splits-1``.

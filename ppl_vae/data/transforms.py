@@ -1,4 +1,4 @@
-"""Invertible per-column normalisation between the original and the normalised domain (METHODS §1, §8).
+"""Invertible per-column normalisation between the original and the normalised domain (Peis et al. 2022 §4).
 
 The normalised domain is where every model works and where the paper's NLLs are reported (Peis et al. 2022):
 
@@ -158,7 +158,7 @@ def _numeric_categories(cats) -> bool:
 
 
 class Normaliser:
-    """Invertible per-column normalisation fitted on the training split (METHODS §1 / §8, HH-VAEM protocol).
+    """Invertible per-column normalisation fitted on the training split (Peis et al. 2022 §4, HH-VAEM protocol).
 
     Build it with :meth:`fit`; never fit it on test rows (the statistics would leak). The fitted schema
     (:attr:`schema`) has the categories of every discrete column filled in.

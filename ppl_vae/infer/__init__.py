@@ -1,5 +1,5 @@
 """Inference: SVI training (:class:`Trainer`), HMC (:mod:`~ppl_vae.infer.mcmc`), the HMC-refined guide and its
-objective, SKSD, evaluation (METHODS §8) and posterior-predictive imputation."""
+objective, SKSD, evaluation (Peis et al. 2022 §4) and posterior-predictive imputation."""
 from ppl_vae.infer.evaluation import evaluate_split, format_table, results_dataset, summarise
 from ppl_vae.infer.mcmc import HMCSampler, HMCTrace, StepSizes, leapfrog, run_hmc
 from ppl_vae.infer.predictive import PredictiveDraws, impute, impute_frame, predict, sample_predictive

@@ -1,10 +1,12 @@
-"""Evaluation protocol of the HH-VAEM tables (METHODS §8; Peis et al. 2022 §4).
+"""Evaluation protocol of the HH-VAEM tables (Peis et al. 2022 §4, Tables 1–5).
 
 For a test split with a fixed ~50% MCAR mask on x (the hidden entries U) and the target fully unobserved, with K
 posterior samples ``h_k`` (encoder samples, or HMC chains for HMC models):
 
 - imputation NLL per row: ``−log (1/K) Σ_k exp( (1/|U|) Σ_{d∈U} log p(x_d | h_k) )``, averaged over rows with
   ``|U| > 0``; normalised domain (standardised; ``log1p`` then standardised for loggaussian columns);
+  ``log p(x_d | h_k)`` is the model's ``imputation_log_prob`` (VAEM and its variants integrate out the marginal
+  code ``z_d``);
 - target NLL: ``−log (1/K) Σ_k p(y | x̂_k, h_k)`` averaged over rows whose true target is known, normalised domain;
 - RMSE of the posterior-mean prediction of y in the *original* target units (regression), or accuracy of the
   posterior-averaged class probabilities (classification).
@@ -22,7 +24,6 @@ import torch
 import xarray as xr
 
 from ppl_vae.models.base import Batch
-from ppl_vae.models.tabular.table import TableVAE
 
 __all__ = ["evaluate_split", "summarise", "results_dataset", "format_table", "METRICS"]
 
@@ -38,9 +39,7 @@ def _chunk_scores(model, batch: Batch, truth: Batch, hidden: torch.Tensor, num_s
     """Per-row scores of one chunk of test rows; see :func:`evaluate_split`."""
     h = model.posterior_latents(batch, num_samples)                      # (K, B, L)
     mean_params = model.x_params(h, batch)                               # (K, B, P), feeds the predictor's x̂
-    x_params = (mean_params if type(model).predictive_x_params is TableVAE.predictive_x_params
-                else model.predictive_x_params(h, batch))                # p(x_d | h): VAEM samples a code
-    lp = model.x_likelihood.log_prob_entries(x_params, truth.x, hidden)  # (K, B, D), 0 off U
+    lp = model.imputation_log_prob(h, batch, truth.x, hidden, mean_params)  # (K, B, D) log p(x_d | h), 0 off U
     n_hidden = hidden.sum(-1)                                            # (B,)
     imp = -_logmeanexp(lp.sum(-1) / n_hidden.clamp_min(1), 0)            # (B,)
     out = {"imputation_nll": imp, "n_hidden": n_hidden}
@@ -64,11 +63,11 @@ def _chunk_scores(model, batch: Batch, truth: Batch, hidden: torch.Tensor, num_s
 
 def evaluate_split(model, split, num_samples: int = 1000, device: Optional[torch.device] = None,
                    rows_per_chunk: Optional[int] = None, seed: int = 0) -> dict:
-    """Metrics of a trained model on one split's test set (METHODS §8).
+    """Metrics of a trained model on one split's test set (Peis et al. 2022 §4 protocol).
 
     Args:
         model: a trained table model (:class:`~ppl_vae.models.tabular.table.TableVAE` contract: ``posterior_latents``,
-            ``predictive_x_params``, ``x_params``, ``y_params``, ``x_likelihood``, ``predictor``).
+            ``imputation_log_prob``, ``x_params``, ``y_params``, ``x_likelihood``, ``predictor``).
         split: a ``ppl_vae.data.Split`` (``test``, ``test_mask``, ``test_input()``, ``normaliser``).
         num_samples: K posterior samples per row (paper: 1000).
         device: where to compute (default: the model's device).
@@ -134,7 +133,7 @@ def results_dataset(per_split: Sequence[dict], model: str, dataset: str, attrs: 
         ds[f"{key}_mean"] = np.nanmean(v) if np.isfinite(v).any() else np.nan
         ds[f"{key}_std"] = np.nanstd(v) if np.isfinite(v).any() else np.nan
     ds.attrs.update({"model": model, "dataset": dataset,
-                     "protocol": "METHODS §8: K-fold splits, 50% MCAR test mask on x, y unobserved; NLLs in the "
+                     "protocol": "Peis et al. 2022 §4: K-fold splits, 50% MCAR test mask on x, y unobserved; NLLs in the "
                                  "normalised domain, RMSE in original target units", **(attrs or {})})
     return ds
 

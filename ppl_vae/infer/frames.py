@@ -110,7 +110,7 @@ class TrainedModel:
             data: a DataFrame (the schema is inferred, :func:`ppl_vae.from_dataframe`; pass ``target=``) or a
                 :class:`~ppl_vae.data.TableDataset`.
             model: registry name of a table model (``vae``, ``vaem``, ``hmc-vae``, ``hmc-vaem``).
-            steps, batch_size, lr, seed: training budget (METHODS §8 train-time missingness).
+            steps, batch_size, lr, seed: training budget (Peis et al. 2022 train-time missingness).
             checkpoint: optional resumable checkpoint (``TrainedModel.load`` reads it back).
             progress: show the Trainer's progress bar.
             threads: intra-op threads while training (default: :func:`ppl_vae.threads.default_threads`).

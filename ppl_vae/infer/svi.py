@@ -270,7 +270,7 @@ class Trainer:
 
         Args:
             data: a ``ppl_vae.data.TensorTable`` (batches from its seeded ``loader`` with train-time missingness,
-                METHODS §8), a single :class:`Batch` (full-batch training), a re-iterable of :class:`Batch` es
+                Peis et al. 2022 §4), a single :class:`Batch` (full-batch training), a re-iterable of :class:`Batch` es
                 (cycled), a one-shot iterator, or a zero-argument callable returning an iterator.
             steps: total SVI steps, split across stages by the model.
             resume: continue from ``self.checkpoint`` if it exists (a finished checkpoint returns at once); its

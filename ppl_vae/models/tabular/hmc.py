@@ -1,5 +1,5 @@
 """HMC-VAE and HMC-VAEM: table models whose posterior is refined by gradient-tuned HMC (Peis et al. 2022 §3.5;
-Campbell et al. 2021; METHODS §5).
+Campbell et al. 2021).
 
 :class:`HMCRefinement` turns any :class:`~ppl_vae.models.tabular.table.TableVAE` into its HMC variant without touching its
 generative story: the encoder's Gaussian ``q(h | x_O, y_O)``, inflated by a learnable scale, starts ``T`` HMC

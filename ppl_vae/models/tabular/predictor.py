@@ -1,4 +1,4 @@
-"""The predictor p(y | x̂, h_1) shared by every table model (METHODS §3; Peis et al. 2022 §3.2).
+"""The predictor p(y | x̂, h_1) shared by every table model (Peis et al. 2022 §3.2).
 
 ``x̂`` is the feature vector of the row with observed entries kept and missing entries filled by the model's own
 imputation (expected features decoded from the same latent), followed by the missing-indicator mask; the predictor

@@ -136,6 +136,23 @@ class TableVAE(LatentVariableModel):
         """Parameters of ``p(x_d | h)`` used for imputation metrics (default: :meth:`x_params`)."""
         return self.x_params(h, batch)
 
+    def imputation_log_prob(self, h: torch.Tensor, batch: Batch, x: torch.Tensor, entries: torch.Tensor,
+                            x_params: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``log p(x_d | h)`` of the table entries in ``entries``, the quantity the imputation NLL averages.
+
+        Args:
+            h: latent samples ``(..., batch, latent_dim)``.
+            batch: the (masked) input the latents were inferred from.
+            x: true values ``(batch, D)``, normalised domain (NaN allowed off ``entries``).
+            entries: ``(batch, D)`` bool, the entries to score (the hidden test entries).
+            x_params: :meth:`x_params` of ``h`` if already computed.
+
+        Returns: ``(..., batch, D)`` log-probabilities (nats), 0 off ``entries``. Default: the decoder's likelihood
+        at ``h`` (exact for a VAE, where ``x`` depends on ``h`` only through the decoder).
+        """
+        params = self.x_params(h, batch) if x_params is None else x_params
+        return self.x_likelihood.log_prob_entries(params, x, entries)
+
     def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
         """Emit the Pyro observation sites of the table (inside the data plate); ``x_params`` may pass the
         already computed :meth:`x_params`."""

@@ -1,4 +1,4 @@
-"""VAEM: marginal VAEs per column, then a dependency VAE over their codes (Ma et al. 2020, NeurIPS; METHODS §2).
+"""VAEM: marginal VAEs per column, then a dependency VAE over their codes (Ma et al. 2020, NeurIPS).
 
 Stage 1 (``"marginal"``). Every column d has its own VAE with a 1-D latent ``z_d ~ N(0, 1)``: encoder
 ``[features(x_d) ⊙ m_d, m_d] -> (μ_d, σ_d)``, decoder ``z_d ->`` the parameters of column d's likelihood. Trained on
@@ -10,13 +10,17 @@ encoder mean. A dependency VAE models the code vector: ``h ~ N(0, I)``, ``z | h 
 ``m_x`` (every column enters as a Gaussian code: the balanced likelihood that is VAEM's point), and
 ``y | x̂, h`` by the predictor, where ``x̂`` decodes the code mean through the frozen marginal decoders. Its
 encoder reads ``[z ⊙ m_x, m_x, y ⊙ m_y, m_y]``. A missing ``x_d`` is imputed by decoding a code drawn from
-``p(z_d | h)`` through column d's marginal decoder.
+``p(z_d | h)`` through column d's marginal decoder (ancestral sampling), and scored by the model's likelihood
+``p(x_d | h) = ∫ p(x_d | z_d) p(z_d | h) dz_d`` with the 1-D code integrated out by Gauss–Hermite quadrature
+(:meth:`VAEM.imputation_log_prob`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 from pyro import poutine
@@ -29,6 +33,16 @@ from ppl_vae.models.tabular.table import TableConfig, TableVAE
 from ppl_vae.nn import ColumnwiseMLP, GaussianHead, MLP
 
 __all__ = ["MarginalVAEs", "VAEM", "VAEMConfig"]
+
+CODE_LIKELIHOODS = ("quadrature", "mean")
+
+
+def _gauss_hermite(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes ``t_j`` and log weights ``log(w_j / √π)`` of ``n``-point Gauss–Hermite quadrature, so that
+    ``E_{z ~ N(μ, σ²)} f(z) ≈ Σ_j (w_j / √π) f(μ + √2 σ t_j)``."""
+    t, w = np.polynomial.hermite.hermgauss(n)
+    return (torch.as_tensor(t, dtype=dtype, device=device),
+            torch.as_tensor(np.log(w / math.sqrt(math.pi)), dtype=dtype, device=device))
 
 
 @dataclass
@@ -48,12 +62,24 @@ class VAEMConfig(TableConfig):
             of observed test entries through their own code 0.36 (NOX 1.06, AGE 0.98, PTRATIO 0.84: collapsed,
             q-scale ≈ 1) without warm-up, 0.35 with 3000 steps, 0.05 with a 500-step warm-up, 0.10 with the
             reference's fixed variance 0.1.
+        code_likelihood: how ``log p(x_d | h)`` of a hidden entry is computed for the imputation NLL.
+            ``"quadrature"`` (default): the model's own likelihood, the 1-D code integrated out,
+            ``log ∫ p(x_d | z_d) N(z_d; μ_d(h), σ_d(h)) dz_d``, by Gauss–Hermite quadrature. ``"mean"``: the
+            reference code's choice (Peis et al. 2022, ``VAEM.test_step``), ``log p(x_d | z_d = μ_d(h))``, which
+            drops the code's uncertainty; use it to compare with the paper's numbers. Measured on boston fold 0
+            (3000 steps, learned variance): 0.80 nats with quadrature, 7.1 with the code mean, 4.6 with one code
+            draw per latent sample (what this package did before: a one-sample estimate of p(x_d | h) inside the
+            NLL's per-sample geometric mean over entries is biased far upwards).
+        quadrature_nodes: Gauss–Hermite nodes for ``"quadrature"`` (boston fold 0: 1.00 / 0.86 / 0.80 / 0.80 nats
+            with 10 / 20 / 40 / 100 nodes).
     """
 
     marginal_hidden: int = 32
     marginal_steps: Optional[int] = None
     discrete_kl_weight: float = 0.2
     marginal_kl_warmup: int = 500
+    code_likelihood: str = "quadrature"
+    quadrature_nodes: int = 64
 
 
 class MarginalVAEs(nn.Module):
@@ -100,7 +126,7 @@ class MarginalVAEs(nn.Module):
 
 
 class VAEM(TableVAE):
-    """VAEM (Ma et al. 2020): marginal VAEs + a dependency VAE, with the predictor of METHODS §3.
+    """VAEM (Ma et al. 2020): marginal VAEs + a dependency VAE, with the predictor of Peis et al. 2022 §3.2.
 
     Args:
         schema: the table's ``TableSchema``.
@@ -117,6 +143,10 @@ class VAEM(TableVAE):
 
     def __init__(self, schema, config: Optional[VAEMConfig] = None, **options):
         super().__init__(schema, config, **options)
+        if self.cfg.code_likelihood not in CODE_LIKELIHOODS:
+            raise ValueError(f"unknown code_likelihood {self.cfg.code_likelihood!r}; choose one of {CODE_LIKELIHOODS}")
+        if int(self.cfg.quadrature_nodes) < 1:
+            raise ValueError(f"quadrature_nodes must be >= 1, got {self.cfg.quadrature_nodes}")
         hidden = list(self.cfg.hidden)
         marginal_steps, discrete_kl_weight = self.cfg.marginal_steps, self.cfg.discrete_kl_weight
         self.marginal = MarginalVAEs(self.x_likelihood, self.cfg.marginal_hidden)
@@ -189,6 +219,28 @@ class VAEM(TableVAE):
     def predictive_x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``p(x_d | h)`` via one code draw ``z ~ p(z | h)`` decoded by the marginal decoders."""
         return self.marginal.decode(self.code_distribution(h).sample())
+
+    def imputation_log_prob(self, h: torch.Tensor, batch: Batch, x: torch.Tensor, entries: torch.Tensor,
+                            x_params: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``log p(x_d | h)`` of the entries in ``entries``: ``(..., batch, D)``, 0 elsewhere.
+
+        With ``code_likelihood="quadrature"`` the code is integrated out column by column (the codes are
+        independent given ``h``): ``log Σ_j w_j p(x_d | z_d = μ_d + √2 σ_d t_j) / √π`` over the Gauss–Hermite
+        nodes ``(t_j, w_j)``, evaluated in blocks of nodes so memory does not grow with their number. With
+        ``"mean"``: ``log p(x_d | μ_d(h))`` (the reference's evaluation). ``x_params`` is ignored.
+        """
+        codes = self.code_distribution(h)
+        if self.cfg.code_likelihood == "mean":
+            return self.x_likelihood.log_prob_entries(self.marginal.decode(codes.loc), x, entries)
+        nodes, log_w = _gauss_hermite(int(self.cfg.quadrature_nodes), h.dtype, h.device)
+        total = None
+        for block in torch.split(torch.arange(len(nodes), device=h.device), 8):
+            shape = (len(block),) + (1,) * codes.loc.dim()
+            z = codes.loc + math.sqrt(2.0) * codes.scale * nodes[block].view(shape)
+            lp = self.x_likelihood.log_prob_entries(self.marginal.decode(z), x, entries) + log_w[block].view(shape)
+            part = torch.logsumexp(lp, 0)
+            total = part if total is None else torch.logaddexp(total, part)
+        return total.masked_fill(~entries.bool(), 0.0)
 
     def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
         """Site ``codes``: the observed marginal codes under ``p(z | h)`` (masked by ``x_mask``)."""
