@@ -229,9 +229,9 @@ class VAEM(TableVAE):
         nodes ``(t_j, w_j)``, evaluated in blocks of nodes so memory does not grow with their number. With
         ``"mean"``: ``log p(x_d | μ_d(h))`` (the reference's evaluation). ``x_params`` is ignored.
         """
-        codes = self.code_distribution(h)
         if self.cfg.code_likelihood == "mean":
-            return self.x_likelihood.log_prob_entries(self.marginal.decode(codes.loc), x, entries)
+            return self.code_mean_log_prob(h, batch, x, entries)
+        codes = self.code_distribution(h)
         nodes, log_w = _gauss_hermite(int(self.cfg.quadrature_nodes), h.dtype, h.device)
         total = None
         for block in torch.split(torch.arange(len(nodes), device=h.device), 8):
@@ -241,6 +241,12 @@ class VAEM(TableVAE):
             part = torch.logsumexp(lp, 0)
             total = part if total is None else torch.logaddexp(total, part)
         return total.masked_fill(~entries.bool(), 0.0)
+
+    def code_mean_log_prob(self, h: torch.Tensor, batch: Batch, x: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """The reference's plug-in ``log p(x_d | z_d = μ_d(h))`` (Peis et al. 2022 code, ``VAEM.test_step``):
+        ``(..., batch, D)``, 0 off ``entries``. Reported beside the model's likelihood as
+        ``imputation_nll_code_mean`` so that numbers compare with the paper's."""
+        return self.x_likelihood.log_prob_entries(self.marginal.decode(self.code_distribution(h).loc), x, entries)
 
     def observe_x(self, h: torch.Tensor, batch: Batch, x_params: Optional[torch.Tensor] = None) -> None:
         """Site ``codes``: the observed marginal codes under ``p(z | h)`` (masked by ``x_mask``)."""
