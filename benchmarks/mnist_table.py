@@ -72,7 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="seconds: 200 rows, 1 split, 4 steps, K=4")
+    p.add_argument("--merge", nargs="+", default=None, metavar="NC",
+                   help="only merge mnist_table .nc files of earlier runs (other --models, same settings)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.rows, args.splits, args.steps, args.num_samples, args.batch_size = 200, 1, 4, 4, 32
@@ -109,23 +113,49 @@ def main(argv=None) -> int:
     for j, key in enumerate(METRICS):
         ds[f"paper_{key}"] = ("model", np.array([PAPER[m][j][0] for m in args.models]))
     ds.attrs.update({"trained_on": trained_on, "steps": args.steps, "num_samples": args.num_samples,
-                     "latent_dim": args.latent_dim, "device": args.device, "seed": args.seed})
+                     "latent_dim": args.latent_dim, "device": args.device, "seed": args.seed,
+                     "batch_size": args.batch_size, "splits": args.splits})
+    write_table(ds, out, stem)
+    return 0
+
+
+def write_table(ds: xr.Dataset, out: Path, stem: str) -> str:
+    """``ds`` (model × split metrics, ``seconds_per_split``, ``paper_*``, attributes of the run) -> ``stem``.nc / .md
+    / .png under ``out``; returns the markdown."""
+    a = ds.attrs
     ds.to_netcdf(out / f"{stem}.nc", engine="scipy")
-    lines = [f"MNIST table (Peis et al. 2022 Tables 3-5 protocol), trained on {trained_on}; {args.splits} of 10 "
-             f"seeded folds, {args.steps} steps, batch {args.batch_size}, K={args.num_samples}, latent "
-             f"{args.latent_dim} (hierarchical: [{args.latent_dim}, {max(1, args.latent_dim // 2)}]), conv "
-             f"encoder/decoder, device {args.device}. The paper trained on the 60,000 MNIST training digits.\n",
+    latent = int(a["latent_dim"])
+    lines = [f"MNIST table (Peis et al. 2022 Tables 3-5 protocol), trained on {a['trained_on']}; {a.get('splits', '?')} "
+             f"of 10 seeded folds, {a['steps']} steps, batch {a.get('batch_size', '?')}, K={a['num_samples']}, latent "
+             f"{latent} (hierarchical: [{latent}, {max(1, latent // 2)}]), conv encoder/decoder, device "
+             f"{a['device']}. The paper trained on the 60,000 MNIST training digits.\n",
              "| model | imputation NLL | paper | target NLL | paper | accuracy | paper | splits | s / split |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for i, m in enumerate(args.models):
-        (pi, pis), (pt, pts), (pa, pas) = PAPER[m]
-        lines.append(f"| {m} | {_fmt(values[i, :, 0])} | {pi:.3f} ± {pis:.3f} | {_fmt(values[i, :, 1])} | "
-                     f"{pt:.3f} ± {pts:.3f} | {_fmt(values[i, :, 2])} | {pa:.3f} ± {pas:.3f} | {args.splits} | "
-                     f"{secs[i]:.0f} |")
+    for m in ds.model.values:
+        cell = ds.sel(model=m)
+        v = [cell[k].values for k in METRICS]
+        (pi, pis), (pt, pts), (pa, pas) = PAPER[str(m)]
+        n = int(np.isfinite(v[0]).sum())
+        lines.append(f"| {m} | {_fmt(v[0])} | {pi:.3f} ± {pis:.3f} | {_fmt(v[1])} | {pt:.3f} ± {pts:.3f} | "
+                     f"{_fmt(v[2])} | {pa:.3f} ± {pas:.3f} | {n} | {float(cell['seconds_per_split']):.0f} |")
     table = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(table)
     _plot(ds, out / f"{stem}.png")
     print("\n" + table)
+    return table
+
+
+def merge(paths, out: Path, stem: str = "mnist_table") -> int:
+    """Merge the ``.nc`` tables of runs with the same settings (e.g. different ``--models``) into one table; runs
+    whose steps, K, rows or latent width differ are refused, naming the setting."""
+    parts = [xr.load_dataset(p, engine="scipy") for p in paths]
+    for key in ("trained_on", "steps", "num_samples", "latent_dim", "seed"):
+        seen = {str(p.attrs.get(key)) for p in parts}
+        if len(seen) > 1:
+            raise SystemExit(f"cannot merge MNIST tables with different {key}: {sorted(seen)}")
+    ds = xr.concat(parts, dim="model", data_vars="different", join="outer", combine_attrs="override")
+    order = [m for m in MODELS if m in ds.model.values]
+    write_table(ds.sel(model=order), out, stem)
     return 0
 
 

@@ -158,6 +158,13 @@ def test_mnist_table_smoke(tmp_path):
     table = (tmp_path / "mnist_table_smoke.md").read_text()
     assert "| vae |" in table and "| hh-vae |" in table and "trained on" in table
     assert "nan" not in table.lower()
+    (tmp_path / "b").mkdir()
+    assert bench.main(["--smoke", "--models", "miwae", "--out", str(tmp_path / "b")]) == 0
+    assert bench.main(["--merge", str(tmp_path / "b" / "mnist_table_smoke.nc"), str(tmp_path / "mnist_table_smoke.nc"),
+                       "--out", str(tmp_path)]) == 0
+    merged = (tmp_path / "mnist_table.md").read_text()
+    rows = [line.split(" | ")[0] for line in merged.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| model", "| vae", "| miwae", "| hh-vae"]
 
 
 def test_lecture_models_smoke(tmp_path):
