@@ -85,3 +85,45 @@ def test_vae_has_no_code_mean_metric(boston):
     Trainer(model, seed=0, progress=False).fit(split.train, 20)
     result = evaluate_split(model, split, num_samples=5)
     assert math.isnan(result["imputation_nll_code_mean"]) and math.isfinite(result["imputation_nll"])
+
+
+def test_code_likelihood_std_is_bounded_or_fixed_as_the_table_says(boston):
+    """The dependency VAE's code std: fixed at gaussian_scale in the paper protocol (the reference shares the fixed
+    variance with its code likelihood), learned and >= code_min_scale otherwise; every code-decoder parameter is
+    trained."""
+    data, split = boston
+    batch = split.train.batch()[:16]
+    h = 50.0 * torch.randn(4, 16, 10)                                      # far out: the softplus saturates low
+    learned = VAEM(data.schema, latent_dim=10)
+    scale = learned.code_distribution(h).scale
+    assert scale.min() >= 0.3 - 1e-6 and scale.std() > 0
+    fixed = VAEM(data.schema, latent_dim=10, gaussian_scale=0.1 ** 0.5)
+    assert torch.allclose(fixed.code_distribution(h).scale, torch.tensor(0.1 ** 0.5))
+    assert VAEM(data.schema, latent_dim=10, gaussian_scale=0.1 ** 0.5, code_scale="learned").fixed_code_scale is None
+    assert VAEM(data.schema, latent_dim=10, code_scale=0.5).code_distribution(h).scale.unique().tolist() == [0.5]
+    for model in (learned, fixed):
+        model.zero_grad()
+        (-model.log_lik_x(model.posterior_latents(batch, 2), batch).sum()).backward()
+        grads = [p.grad for p in model.code_decoder.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    for bad in ({"code_scale": "wide"}, {"code_scale": 0.0}, {"code_min_scale": 0.0}):
+        with pytest.raises(ValueError, match="code_"):
+            VAEM(data.schema, **bad)
+
+
+def test_a_checkpoint_written_before_the_code_std_options_rebuilds_its_own_model(boston, tmp_path):
+    """A config without code_scale / code_min_scale is the model with the old unbounded (1e-3 floor) code std,
+    not today's default; its outputs are reproduced exactly."""
+    from ppl_vae.infer.checkpoint import load_checkpoint, load_model, save_checkpoint
+    data, split = boston
+    torch.manual_seed(0)
+    old = VAEM(data.schema, latent_dim=4, code_scale="learned", code_min_scale=1e-3).eval()
+    path = save_checkpoint(tmp_path / "old.pt", old)
+    payload = load_checkpoint(path)
+    for key in ("code_scale", "code_min_scale"):
+        payload["config"].pop(key)
+    rebuilt = load_model(payload).eval()
+    h = 30.0 * torch.randn(3, 5, 4)
+    assert rebuilt.code_decoder[-1].min_scale == 1e-3
+    assert torch.equal(rebuilt.code_distribution(h).scale, old.code_distribution(h).scale)
+    assert VAEM(data.schema, latent_dim=4).code_decoder[-1].min_scale == 0.3      # today's default differs

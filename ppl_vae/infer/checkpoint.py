@@ -360,7 +360,9 @@ def load_model(path_or_payload: Union[str, Path, dict], map_location: Union[str,
     """Rebuild the model of a checkpoint and load its parameters and Pyro param store.
 
     The class comes only from the registry: ``ppl_vae.models.model_class(payload["model_name"])``; it is built as
-    ``cls(**payload["config"])``.
+    ``cls(**payload["config"])``. A config written before an option existed is completed with the value the model
+    had *before* that option (the class's ``legacy_config``), never with today's default, so an old checkpoint
+    rebuilds the model it was trained as.
 
     Raises:
         CheckpointError: unreadable checkpoint, a model name that is not registered, a config the class rejects, or
@@ -378,6 +380,7 @@ def load_model(path_or_payload: Union[str, Path, dict], map_location: Union[str,
     config = payload.get("config")
     if not isinstance(config, Mapping):
         raise CheckpointError("checkpoint config is not a dict of constructor arguments")
+    config = {**getattr(cls, "legacy_config", {}), **config}
     try:
         model = cls(**config)
     except (TypeError, ValueError) as exc:

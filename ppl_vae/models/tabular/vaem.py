@@ -6,7 +6,8 @@ observed entries only (both the latent and the likelihood sites are masked by ``
 columns is weighted by 0.2 as in the reference. The D networks run as one :class:`~ppl_vae.nn.ColumnwiseMLP`.
 
 Stage 2 (``"dependency"``). The marginal VAEs are frozen; the marginal code of an observed entry is its
-encoder mean. A dependency VAE models the code vector: ``h ~ N(0, I)``, ``z | h ~ N(μ(h), σ(h))`` masked by
+encoder mean. A dependency VAE models the code vector: ``h ~ N(0, I)``, ``z | h ~ N(μ(h), σ(h))`` (σ fixed
+with a fixed table variance as in the reference code, else learned with a floor; ``VAEMConfig.code_scale``) masked by
 ``m_x`` (every column enters as a Gaussian code: the balanced likelihood that is VAEM's point), and
 ``y | x̂, h`` by the predictor, where ``x̂`` decodes the code mean through the frozen marginal decoders. Its
 encoder reads ``[z ⊙ m_x, m_x, y ⊙ m_y, m_y]``. A missing ``x_d`` is imputed by decoding a code drawn from
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pyro
@@ -72,6 +73,16 @@ class VAEMConfig(TableConfig):
             NLL's per-sample geometric mean over entries is biased far upwards).
         quadrature_nodes: Gauss–Hermite nodes for ``"quadrature"`` (boston fold 0: 1.00 / 0.86 / 0.80 / 0.80 nats
             with 10 / 20 / 40 / 100 nodes).
+        code_scale: the std of the dependency VAE's code likelihood ``p(z_d | h)``. ``"table"`` (default): fixed at
+            ``gaussian_scale`` when that is a number, as in the reference code, whose dependency VAE shares the
+            fixed variance 0.1 of every Gaussian likelihood (Peis et al. 2022 code, ``VAEM``); learned and bounded
+            below by ``code_min_scale`` when it is ``"learned"``. ``"learned"``: always learned; a number: fixed.
+        code_min_scale: lower bound of a learned code std, ``σ_d(h) = code_min_scale + softplus(·)`` (codes have
+            the unit scale of the marginal prior). An unbounded code std (floor 1e-3, what this package did before) lets the dependency
+            ELBO concentrate on the codes it predicts best and impute the others poorly: normalised RMSE of hidden
+            test entries, folds 0-1, 3000 steps, floor 1e-3 / 0.1 / 0.3: energy 0.486 / 0.501 / 0.422, boston
+            0.711 / 0.655 / 0.651, yacht 0.894 / 0.900 / 0.913 (the VAE on the same folds: 0.393, 0.712, 0.809).
+            Decoding is not the bottleneck: decoding each hidden entry's own (true) code gives 0.03-0.08.
     """
 
     marginal_hidden: int = 32
@@ -80,6 +91,8 @@ class VAEMConfig(TableConfig):
     marginal_kl_warmup: int = 500
     code_likelihood: str = "quadrature"
     quadrature_nodes: int = 64
+    code_scale: Union[str, float] = "table"
+    code_min_scale: float = 0.3
 
 
 class MarginalVAEs(nn.Module):
@@ -140,6 +153,8 @@ class VAEM(TableVAE):
     latent_site = "h"
 
     Config = VAEMConfig
+    #: options added after checkpoints existed -> the behaviour those checkpoints were trained with
+    legacy_config = {"code_scale": "learned", "code_min_scale": 1e-3}
 
     def __init__(self, schema, config: Optional[VAEMConfig] = None, **options):
         super().__init__(schema, config, **options)
@@ -150,8 +165,21 @@ class VAEM(TableVAE):
         hidden = list(self.cfg.hidden)
         marginal_steps, discrete_kl_weight = self.cfg.marginal_steps, self.cfg.discrete_kl_weight
         self.marginal = MarginalVAEs(self.x_likelihood, self.cfg.marginal_hidden)
+        if not float(self.cfg.code_min_scale) > 0:
+            raise ValueError(f"code_min_scale must be > 0, got {self.cfg.code_min_scale}")
+        D = self.x_likelihood.num_columns
+        code_scale = self.cfg.code_scale
+        if code_scale == "table":
+            code_scale = self.cfg.gaussian_scale
+        if isinstance(code_scale, str) and code_scale != "learned":
+            raise ValueError(f"code_scale must be 'table', 'learned' or a positive number, got {code_scale!r}")
+        if not isinstance(code_scale, str) and not float(code_scale) > 0:
+            raise ValueError(f"code_scale must be > 0, got {code_scale}")
+        self.fixed_code_scale = None if code_scale == "learned" else float(code_scale)
+        head = (nn.Linear(list(hidden)[0], D) if self.fixed_code_scale is not None
+                else GaussianHead(list(hidden)[0], D, min_scale=float(self.cfg.code_min_scale)))
         self.code_decoder = nn.Sequential(MLP(self.latent_dim, list(hidden)[::-1][:-1], list(hidden)[0]),
-                                          nn.ReLU(), GaussianHead(list(hidden)[0], self.x_likelihood.num_columns))
+                                          nn.ReLU(), head)
         self.marginal_steps = marginal_steps
         kinds = self.x_likelihood.kinds
         groups = []
@@ -208,13 +236,17 @@ class VAEM(TableVAE):
         return self.codes(batch)
 
     def code_distribution(self, h: torch.Tensor) -> dist.Normal:
-        """``p(z | h)``: Normal with batch shape ``(..., batch, D)``."""
+        """``p(z | h)``: Normal with batch shape ``(..., batch, D)``; std learned and bounded below by
+        ``code_min_scale``, or fixed at ``gaussian_scale`` when that is fixed (see :class:`VAEMConfig`)."""
+        if self.fixed_code_scale is not None:
+            loc = self.code_decoder(h)
+            return dist.Normal(loc, torch.full_like(loc, self.fixed_code_scale))
         loc, scale = self.code_decoder(h)
         return dist.Normal(loc, scale)
 
     def x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Table likelihood parameters from the code mean ``μ(h)`` through the frozen marginal decoders."""
-        return self.marginal.decode(self.code_decoder(h)[0])
+        return self.marginal.decode(self.code_distribution(h).loc)
 
     def predictive_x_params(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``p(x_d | h)`` via one code draw ``z ~ p(z | h)`` decoded by the marginal decoders."""
