@@ -125,7 +125,8 @@ def write_table(ds: xr.Dataset, out: Path, stem: str) -> str:
     a = ds.attrs
     ds.to_netcdf(out / f"{stem}.nc", engine="scipy")
     latent = int(a["latent_dim"])
-    lines = [f"MNIST table (Peis et al. 2022 Tables 3-5 protocol), trained on {a['trained_on']}; {a.get('splits', ds.sizes.get('split', '?'))} "
+    splits = a.get("splits", ds.sizes.get("split", "?"))
+    lines = [f"MNIST table (Peis et al. 2022 Tables 3-5 protocol), trained on {a['trained_on']}; {splits} "
              f"of 10 seeded folds, {a['steps']} steps, batch {a.get('batch_size', '?')}, K={a['num_samples']}, latent "
              f"{latent} (hierarchical: [{latent}, {max(1, latent // 2)}]), conv encoder/decoder, device "
              f"{a['device']}. The paper trained on the 60,000 MNIST training digits.\n",

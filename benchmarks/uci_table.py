@@ -189,15 +189,15 @@ def targets(ds: xr.Dataset) -> list[str]:
     among the VAEM-family models that ran ("tied": within the larger fold std of the two); (3) each HMC-refined
     model against its Gaussian-guide counterpart (win or tie, same tie rule). Returns markdown lines."""
     models = [str(m) for m in ds.model.values]
-    data = [str(d) for d in ds.dataset.values
-            if "hh-vaem" in models and np.isfinite(ds["target_nll"].sel(dataset=d, model="hh-vaem").values).any()]
+
+    def ran(model, d) -> bool:
+        return model in models and bool(np.isfinite(ds["target_nll"].sel(dataset=d, model=model).values).any())
+
+    data = [str(d) for d in ds.dataset.values if ran("hh-vaem", str(d))]
     if not data:
         return []
     lines = ["\n#### Targets (paper protocol; counted over the data sets where HH-VAEM ran)\n",
              "| target | imputation (code mean) | imputation (model likelihood) | target NLL |", "|---|---|---|---|"]
-
-    def ran(model, d) -> bool:
-        return model in models and bool(np.isfinite(ds["target_nll"].sel(dataset=d, model=model).values).any())
 
     def count(pred, over=None) -> str:
         over = data if over is None else over
