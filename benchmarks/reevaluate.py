@@ -24,20 +24,28 @@ import xarray as xr
 
 from ppl_vae.infer.checkpoint import load_checkpoint, load_model
 from ppl_vae.infer.evaluation import evaluate_split, format_table, results_dataset
-from ppl_vae.pipeline import resolve_dataset
+from ppl_vae.pipeline import dataset_from_spec
 
 
-def _override(model, assignments) -> None:
-    fields = {f.name for f in dataclasses.fields(model.cfg)}
+def _overridden(payload: dict, assignments) -> dict:
+    """The checkpoint payload with ``FIELD=VALUE`` applied to its stored config, so that the model is *built* with
+    the new value (an option a model reads once at construction, such as ``test_sweeps``, takes effect too).
+
+    Raises: SystemExit naming the field when the model's typed config has no such field."""
+    from ppl_vae.models import model_class
+    cls = model_class(payload["model_name"])
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    config = dict(payload["config"])
     for item in assignments:
         key, _, raw = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"--set {item}: {type(model.cfg).__name__} has no field {key!r}")
+        if key not in fields or key == "schema":
+            raise SystemExit(f"--set {item}: {cls.Config.__name__} has no option {key!r}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        setattr(model.cfg, key, value)
+        config[key] = value
+    return {**payload, "config": config}
 
 
 def evaluate(path: Path, num_samples: int, assignments) -> tuple[dict, dict]:
@@ -45,11 +53,9 @@ def evaluate(path: Path, num_samples: int, assignments) -> tuple[dict, dict]:
     payload = load_checkpoint(path)
     meta = payload.get("metadata") or {}
     spec = meta.get("data") or {}
-    dataset = resolve_dataset(spec.get("name") if not spec.get("csv") else None, csv=spec.get("csv"),
-                              target=spec.get("target"), csv_options=spec.get("csv_options"))
+    dataset = dataset_from_spec(spec)
     split = dataset.splits(n_splits=spec.get("folds", 10), seed=spec.get("seed", 0))[meta["fold"]]
-    model = load_model(payload)
-    _override(model, assignments)
+    model = load_model(_overridden(payload, assignments))
     return evaluate_split(model, split, num_samples=num_samples, seed=spec.get("seed", 0)), payload
 
 

@@ -86,7 +86,25 @@ def protocol_kwargs(protocol: str, dataset: str, model: str) -> tuple[dict, int]
         if model.startswith(("hmc", "hh")):
             kwargs["hmc_steps"] = T
     return kwargs, batch_size
+
+
+def protocol_data(protocol: str, data, model: str):
+    """``(data set, data spec)`` of one cell: the paper protocol re-declares a regression target of the VAEM family
+    as the reference's ``loggaussian`` (stored in the checkpoint's data spec, so a re-evaluation rebuilds it)."""
+    spec = {"name": data.name}
+    like = PAPER_TARGET_LIKELIHOOD.get(model) if protocol == "paper" and data.task == "regression" else None
+    if like is not None:
+        data = data.with_target_likelihood(like)
+        spec["target_likelihood"] = like
+    return data, spec
 VAEM_FAMILY = ["vaem", "miwaem", "h-vaem", "hmc-vaem", "hh-vaem"]
+#: the reference's VAEM family models a regression target as ``loggaussian`` (``log1p`` then standardised, target
+#: NLL in that domain; ipeis/HH-VAEM ``src/configs.py`` ``likelihood_y``), its VAE family as ``gaussian``
+PAPER_TARGET_LIKELIHOOD = {m: "loggaussian" for m in VAEM_FAMILY}
+#: where the reference's target differs from ours in a way we do not reproduce: its energy and naval targets are
+#: 2-D (heating + cooling load; compressor + turbine decay), ours are the first of the two, so target NLLs differ
+PAPER_TARGET_DIFFERS = {"energy": "2-D target (heating + cooling load) in the paper, heating load here",
+                        "naval": "2-D target (compressor + turbine decay) in the paper, compressor decay here"}
 VAE_FAMILY = ["vae", "miwae", "h-vae", "hmc-vae", "hh-vae"]
 PROTOCOLS = {"paper": {"gaussian_scale": 0.1 ** 0.5}, "default": {}}
 METRICS = ("imputation_nll", "target_nll", "rmse", "accuracy", "imputation_nll_code_mean")
@@ -94,7 +112,8 @@ PROTOCOL_TEXT = {
     "paper": "paper protocol: fixed decoder variance 0.1 (std 0.316) for real columns and the target, normalised "
              "domain; the reference's latent width, batch size and T per data set. VAEM family: 'imputation NLL' is "
              "the model's likelihood (marginal code integrated out), 'at code mean' the reference's evaluation "
-             "(the paper's numbers are of that kind)",
+             "(the paper's numbers are of that kind); VAEM-family regression targets loggaussian (log1p, "
+             "standardised) as in the reference; its energy / naval targets are 2-D, ours 1-D",
     "default": "our default: learned bounded decoder std in [0.1, 2], latent 10 ([10, 5]), batch 128, T = 5; VAEM-family "
                "imputation scored by the model's likelihood with the marginal code integrated out (NLLs not "
                "comparable with the paper's)",
@@ -168,6 +187,9 @@ def markdown(ds: xr.Dataset, header: str) -> str:
                 (im, ims), (tg, tgs) = PAPER["hh-vaem"][str(d)]
                 out.append(f"| {d} | HH-VAEM (paper) | | {im:.2f} ± {ims:.2f} | | {tg:.2f} ± {tgs:.2f} | | – | 10 | – |")
     if "paper" in [str(p) for p in ds.protocol.values]:
+        differs = [f"{d}: {PAPER_TARGET_DIFFERS[str(d)]}" for d in ds.dataset.values if str(d) in PAPER_TARGET_DIFFERS]
+        if differs:
+            out.append("\nTarget NLLs not like for like with the paper's: " + "; ".join(differs) + ".")
         out.extend(targets(ds.sel(protocol="paper")))
     return "\n".join(out) + "\n"
 
@@ -329,6 +351,7 @@ def main(argv=None) -> int:
             data = load_dataset(name)
             for model in args.models:
                 kwargs, batch_size = protocol_kwargs(protocol, name, model)
+                cell_data, spec = protocol_data(protocol, data, model)
                 if args.latent_dim is not None:
                     kwargs["latent_dim"] = args.latent_dim
                 if args.smoke and model.startswith(("hh", "hmc")):
@@ -345,11 +368,11 @@ def main(argv=None) -> int:
                                     "results": xr.load_dataset(cell / "results.nc", engine="scipy")})
                     continue
                 t0 = time.perf_counter()
-                res = run_experiment(model, data, splits=args.splits, folds=max(10, args.splits), steps=args.steps,
+                res = run_experiment(model, cell_data, splits=args.splits, folds=max(10, args.splits), steps=args.steps,
                                      batch_size=batch_size,
                                      num_samples=args.num_samples, device=args.device, seed=args.seed,
                                      out=cell, progress=False,
-                                     model_kwargs=kwargs)
+                                     model_kwargs=kwargs, data_spec=spec)
                 secs = time.perf_counter() - t0
                 if not reused:                      # kept beside the cell so --collect can report it
                     (cell / "seconds.json").write_text(json.dumps({"seconds_per_split": secs / args.splits}))

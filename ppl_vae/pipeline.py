@@ -24,7 +24,7 @@ from ppl_vae.models import MODELS, TABLE_MODELS, build_model
 from ppl_vae.errors import UnknownNameError
 from ppl_vae.threads import small_work
 
-__all__ = ["DEFAULT_MODEL_KWARGS", "resolve_dataset", "fit_split", "run_experiment", "evaluate_checkpoint",
+__all__ = ["DEFAULT_MODEL_KWARGS", "resolve_dataset", "dataset_from_spec", "fit_split", "run_experiment", "evaluate_checkpoint",
            "resolve_device", "remove_run_outputs"]
 
 _TABLE_DEFAULTS = {"latent_dim": 10, "hidden": [64, 64], "kl_warmup": 500}
@@ -68,6 +68,28 @@ def resolve_dataset(name: Optional[str] = None, csv: Optional[str] = None, targe
     if (name is None) == (csv is None):
         raise PplVaeError("give exactly one of a data set name (--dataset) or a CSV path (--csv)")
     return load_dataset(name, **options) if csv is None else from_csv(csv, target=target, **dict(csv_options or {}))
+
+
+def dataset_from_spec(spec: Mapping[str, Any], name: Optional[str] = None) -> TableDataset:
+    """Rebuild the data set a checkpoint was trained on from its metadata's ``data`` spec (the one place every
+    re-evaluation reads it, so none rebuilds a different table).
+
+    Args:
+        spec: ``{"name"} | {"csv", "target", "csv_options"}`` plus an optional ``"target_likelihood"`` (a
+            re-declared target, :meth:`~ppl_vae.data.dataset.TableDataset.with_target_likelihood`).
+        name: a built-in data set to use instead of the spec's name / CSV (the target re-declaration still applies).
+
+    Raises: what :func:`resolve_dataset` raises; PplVaeError for a spec naming neither a data set nor a CSV.
+    """
+    if name is None and not spec.get("name") and not spec.get("csv"):
+        raise PplVaeError("the checkpoint's metadata names no data set or CSV; pass the data set explicitly")
+    if name is not None:
+        data = resolve_dataset(name)
+    else:
+        data = resolve_dataset(spec.get("name") if not spec.get("csv") else None, csv=spec.get("csv"),
+                               target=spec.get("target"), csv_options=spec.get("csv_options"))
+    like = spec.get("target_likelihood")
+    return data if like is None else data.with_target_likelihood(like)
 
 
 def _check_table_model(model_name: str) -> None:
@@ -192,6 +214,8 @@ def fit_split(model_name: str, dataset: TableDataset, split, *, steps: int = 300
         settings["folds"] = int(spec["folds"])
     if "seed" in spec:
         settings["seed"] = int(spec["seed"])      # the user's seed (the trainer's is seed + fold)
+    if spec.get("target_likelihood"):
+        settings["target_likelihood"] = str(spec["target_likelihood"])
     if checkpoint is not None and overwrite:
         if _dist.rank() == 0:
             _remove_checkpoint(Path(checkpoint))
@@ -296,8 +320,7 @@ def evaluate_checkpoint(path: Union[str, Path], *, num_samples: int = 1000, devi
     meta = payload.get("metadata") or {}
     spec = meta.get("data") or {}
     if dataset is None:
-        dataset = resolve_dataset(spec.get("name") if not spec.get("csv") else None, csv=spec.get("csv"),
-                                  target=spec.get("target"), csv_options=spec.get("csv_options"))
+        dataset = dataset_from_spec(spec)
     split = dataset.splits(n_splits=spec.get("folds", 10), seed=spec.get("seed", 0))[meta.get("fold", 0)]
     model = load_model(payload, map_location=device)
     return evaluate_split(model, split, num_samples=num_samples, device=device, seed=spec.get("seed", 0))

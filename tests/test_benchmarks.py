@@ -34,6 +34,16 @@ def test_uci_table_smoke(tmp_path):
                                               "--write"]) == 0
     after = xr.load_dataset(cell / "results.nc", engine="scipy")
     assert float(after.imputation_nll[0]) == pytest.approx(float(before.imputation_nll_code_mean[0]), abs=1e-6)
+    # an option the model reads at construction (HMC test sweeps) takes effect too; an unknown one is refused
+    hh = tmp_path / "uci" / "paper" / "hh-vaem-yacht"
+    reeval = load_benchmark("reevaluate")
+    base, _ = reeval.evaluate(hh / "fold0" / "checkpoint.pt", 5, [])
+    swept, _ = reeval.evaluate(hh / "fold0" / "checkpoint.pt", 5, ["test_sweeps=3"])
+    assert base["imputation_nll"] == pytest.approx(float(xr.load_dataset(hh / "results.nc", engine="scipy")
+                                                         .imputation_nll[0]), abs=1e-6)
+    assert swept["imputation_nll"] != pytest.approx(base["imputation_nll"], abs=1e-6)
+    with pytest.raises(SystemExit, match="test_sweep"):
+        reeval.evaluate(hh / "fold0" / "checkpoint.pt", 5, ["test_sweep=3"])
     assert bench.main(["--smoke", "--collect", "--out", str(tmp_path), "--name", "rebuilt"]) == 0
     rebuilt = (tmp_path / "rebuilt.md").read_text()
     assert f"| yacht | vaem | {float(after.imputation_nll[0]):.2f} ± 0.00 |" in rebuilt
@@ -53,6 +63,14 @@ def test_uci_paper_protocol_uses_the_reference_settings_and_data():
     kw, batch = bench.protocol_kwargs("paper", "boston", "vae")
     assert batch == 100 and kw == {"gaussian_scale": 0.1 ** 0.5, "latent_dim": 10}
     assert bench.protocol_kwargs("default", "yacht", "hh-vaem") == ({}, 128)
+    # the reference's VAEM family models regression targets as loggaussian, its VAE family as gaussian
+    data, spec = bench.protocol_data("paper", load_dataset("boston"), "hh-vaem")
+    assert data.schema.target.likelihood == "loggaussian" and spec == {"name": "boston",
+                                                                         "target_likelihood": "loggaussian"}
+    for protocol, model, name in (("paper", "hmc-vae", "boston"), ("default", "vaem", "boston"),
+                                  ("paper", "vaem", "wine")):
+        data, spec = bench.protocol_data(protocol, load_dataset(name), model)
+        assert data.schema.target.likelihood == load_dataset(name).schema.target.likelihood and spec == {"name": name}
     for model in bench.VAEM_FAMILY + bench.VAE_FAMILY:      # every option exists on the model's typed config
         build_model(model, load_dataset("yacht").schema, **bench.protocol_kwargs("paper", "wine", model)[0])
 

@@ -94,6 +94,22 @@ def test_missing_target_column(tmp_path, user_frame, capsys):
     assert "price" in capsys.readouterr().err
 
 
+def test_target_likelihood_option_is_trained_stored_and_refused_where_it_cannot_apply(tmp_path, capsys):
+    from ppl_vae.infer.checkpoint import load_checkpoint
+    out = tmp_path / "fit"
+    assert main(["fit", "vae", "--dataset", "yacht", "--steps", "20", "--target-likelihood", "loggaussian",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "residuary_resistance   loggaussian   (target)" in capsys.readouterr().out
+    meta = load_checkpoint(out / "checkpoint.pt")["metadata"]
+    assert meta["data"]["target_likelihood"] == "loggaussian"
+    assert meta["normaliser"]["schema"]["target"]["likelihood"] == "loggaussian"
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--num-samples", "10"]) == 0
+    assert "target_nll" in capsys.readouterr().out
+    code = main(["fit", "vae", "--dataset", "wine", "--steps", "5", "--target-likelihood", "loggaussian",
+                 "--out", str(tmp_path / "w"), "--no-progress"])
+    assert code == 2 and "categorical" in capsys.readouterr().err
+
+
 def test_ugvae_experiment_subcommand(tmp_path, capsys):
     assert main(["ugvae-experiment", "--smoke", "--experiment", "interpolation", "--out", str(tmp_path),
                  "--no-progress"]) == 0

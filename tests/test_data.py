@@ -136,6 +136,30 @@ def test_load_dataset_errors_and_copies():
     assert not b.features.isna().any().any() and b.target.iloc[0] == 24.0
 
 
+def test_target_likelihood_redeclaration_changes_the_normalised_domain():
+    """The reference's VAEM family models positive regression targets as loggaussian: log1p, then standardised."""
+    plain, logged = load_dataset("boston"), load_dataset("boston", target_likelihood="loggaussian")
+    assert plain.schema.target.likelihood == "gaussian" and logged.schema.target.likelihood == "loggaussian"
+    assert logged.target.equals(plain.target) and logged.schema.features == plain.schema.features
+    assert load_dataset("boston").schema.target.likelihood == "gaussian"          # the cache is not mutated
+    split = logged.splits(n_splits=10, seed=0)[0]
+    medv = logged.target.iloc[split.train_rows].to_numpy()
+    z = (np.log1p(medv) - np.log1p(medv).mean()) / np.log1p(medv).std()
+    assert split.train.y[:, 0].numpy() == pytest.approx(z, abs=1e-4)
+    back = split.normaliser.inverse_target(split.train.y.numpy())[:, 0]
+    assert back == pytest.approx(medv, rel=1e-4)
+    with pytest.raises(SchemaError, match="'target'.*categorical"):
+        load_dataset("wine", target_likelihood="loggaussian")          # a classification target stays discrete
+    with pytest.raises(SchemaError, match="MEDV"):
+        load_dataset("boston", target_likelihood="bernoulli")
+    with pytest.raises(UnknownNameError, match="lognormal"):
+        load_dataset("boston", target_likelihood="lognormal")
+    neg = plain.copy()
+    neg.target.iloc[3] = -2.0
+    with pytest.raises(SchemaError, match="MEDV.*negative"):
+        neg.with_target_likelihood("loggaussian")
+
+
 def test_vendored_files_match_md5_and_are_read_from_the_package():
     pkg = Path(data.__file__).parent / "files"
     for rel, md5 in MD5.items():

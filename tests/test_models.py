@@ -103,6 +103,26 @@ def test_checkpoint_round_trip_reproduces_evaluation(tmp_path):
     assert isinstance(model, VAEM) and model.config["latent_dim"] == 10
 
 
+def test_redeclared_target_survives_the_checkpoint(tmp_path):
+    """A loggaussian target (the reference's VAEM family) is stored in the data spec: re-evaluating the checkpoint
+    rebuilds it (same numbers), and a cell trained with the other target is refused, never silently reused."""
+    from ppl_vae.errors import StaleCheckpointError
+    from ppl_vae.pipeline import evaluate_checkpoint, run_experiment
+    ds = load_dataset("yacht", target_likelihood="loggaussian")
+    spec = {"name": "yacht", "target_likelihood": "loggaussian"}
+    res = run_experiment("vae", ds, splits=1, steps=40, num_samples=20, seed=0, out=tmp_path, progress=False,
+                         data_spec=spec)
+    again = evaluate_checkpoint(tmp_path / "fold0" / "checkpoint.pt", num_samples=20)
+    for key in ("imputation_nll", "target_nll", "rmse"):
+        assert again[key] == pytest.approx(float(res[key][0]), rel=1e-6)
+    plain = run_experiment("vae", load_dataset("yacht"), splits=1, steps=40, num_samples=20, seed=0,
+                           progress=False)
+    assert float(plain["target_nll"][0]) != pytest.approx(float(res["target_nll"][0]), abs=1e-3)
+    with pytest.raises(StaleCheckpointError):
+        run_experiment("vae", load_dataset("yacht"), splits=1, steps=40, num_samples=20, seed=0, out=tmp_path,
+                       progress=False)
+
+
 def test_resume_after_crash_matches_uninterrupted_run(boston_split, tmp_path):
     ds = load_dataset("boston")
 

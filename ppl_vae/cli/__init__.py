@@ -29,6 +29,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="named data set (see `ppl-vae datasets`)")
     g.add_argument("--csv", help="a CSV file of your own (empty/NaN cells are missing values)")
     g.add_argument("--target", help="target column of --csv (optional)")
+    g.add_argument("--target-likelihood", default=None, choices=("gaussian", "loggaussian", "poisson"),
+                   help="re-declare a real-valued target (e.g. loggaussian: log1p then standardised, as the "
+                        "reference code of Peis et al. 2022 does for the VAEM family)")
     g.add_argument("--sep", default=None, help="field delimiter of --csv (default: sniffed among , ; tab |)")
     g.add_argument("--na-values", default=None, metavar="TOKENS",
                    help="comma-separated extra tokens meaning missing in --csv, e.g. 'NA,missing,?'")
@@ -166,6 +169,8 @@ def _dataset_from_args(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SchemaWarning)
         ds = resolve_dataset(args.dataset, csv=args.csv, target=args.target, csv_options=opts or None)
+    if args.target_likelihood is not None:
+        ds = ds.with_target_likelihood(args.target_likelihood)
     for w in caught:
         if issubclass(w.category, SchemaWarning):
             print(f"ppl-vae: warning: {w.message}", file=sys.stderr)
@@ -177,6 +182,8 @@ def _dataset_from_args(args):
     spec = {"name": ds.name, "csv": str(Path(args.csv).resolve()) if args.csv else None, "target": args.target}
     if opts:
         spec["csv_options"] = opts
+    if args.target_likelihood is not None:
+        spec["target_likelihood"] = args.target_likelihood
     return ds, spec
 
 

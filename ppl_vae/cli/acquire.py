@@ -43,13 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _load(path: str, device):
     from ppl_vae.errors import PplVaeError
     from ppl_vae.infer.checkpoint import load_checkpoint, load_model
-    from ppl_vae.pipeline import resolve_dataset
+    from ppl_vae.pipeline import dataset_from_spec
 
     payload = load_checkpoint(path, map_location=device)
     meta = payload.get("metadata") or {}
     spec = meta.get("data") or {}
-    data = resolve_dataset(spec.get("name") if not spec.get("csv") else None, csv=spec.get("csv"),
-                           target=spec.get("target"))
+    data = dataset_from_spec(spec)
     split = data.splits(n_splits=spec.get("folds", 10), seed=spec.get("seed", 0))[meta.get("fold", 0)]
     model = load_model(payload, map_location=device)
     for attr in ("posterior_latents", "y_params", "x_likelihood"):

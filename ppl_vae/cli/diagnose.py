@@ -136,15 +136,13 @@ def run(args) -> int:
     :class:`~ppl_vae.errors.PplVaeError` (bad data set / device)."""
     from ppl_vae import diagnostics
     from ppl_vae.infer.checkpoint import load_checkpoint, load_model
-    from ppl_vae.pipeline import resolve_dataset, resolve_device
+    from ppl_vae.pipeline import dataset_from_spec, resolve_device
 
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     meta = payload.get("metadata") or {}
     spec = meta.get("data") or {}
-    name = args.dataset or spec.get("name")
-    data = resolve_dataset(None if spec.get("csv") and not args.dataset else name,
-                           csv=None if args.dataset else spec.get("csv"), target=spec.get("target"))
+    data = dataset_from_spec(spec, name=args.dataset)
     split = data.splits(n_splits=spec.get("folds", 10), seed=spec.get("seed", 0))[meta.get("fold", 0)]
     model = load_model(payload, map_location=device)
     batch = split.test_input(device=device)[: args.rows]
@@ -159,7 +157,7 @@ def run(args) -> int:
     overall = {"accept_prob": float(stats["accept_prob"].mean()), "accept_rate": float(stats["accepted"].mean()),
                "divergences": int(stats["diverging"].sum()), "chains": args.chains, "draws": args.draws,
                "rows": int(batch.size), "model": payload["model_name"]}
-    (out / "summary.md").write_text(f"# Diagnostics of {payload['model_name']} on {name}\n\n"
+    (out / "summary.md").write_text(f"# Diagnostics of {payload['model_name']} on {data.name}\n\n"
                                     f"{json.dumps(overall)}\n\n```\n{frame.to_string()}\n```\n\n"
                                     f"Per chain:\n\n```\n{sampler.to_string()}\n```\n")
     diagnostics.plot_trace(tree, out / "trace.png")

