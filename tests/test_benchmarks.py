@@ -59,7 +59,8 @@ def test_uci_paper_protocol_uses_the_reference_settings_and_data():
     assert set(bench.UCI) <= set(bench.PAPER["hh-vaem"]) and "wine-quality-red" not in bench.PAPER["hh-vaem"]
     assert load_dataset("wine").schema.target.likelihood == "categorical"
     kw, batch = bench.protocol_kwargs("paper", "yacht", "hh-vaem")
-    assert batch == 20 and kw == {"gaussian_scale": 0.1 ** 0.5, "latent_dim": 4, "hmc_steps": 5}
+    assert batch == 20 and kw == {"gaussian_scale": 0.1 ** 0.5, "latent_dim": 4, "hmc_steps": 5,
+                                  "marginal_steps": 1000}
     kw, batch = bench.protocol_kwargs("paper", "boston", "vae")
     assert batch == 100 and kw == {"gaussian_scale": 0.1 ** 0.5, "latent_dim": 10}
     assert bench.protocol_kwargs("default", "yacht", "hh-vaem") == ({}, 128)
@@ -71,6 +72,9 @@ def test_uci_paper_protocol_uses_the_reference_settings_and_data():
                                   ("paper", "vaem", "wine")):
         data, spec = bench.protocol_data(protocol, load_dataset(name), model)
         assert data.schema.target.likelihood == load_dataset(name).schema.target.likelihood and spec == {"name": name}
+    assert bench.parse_overrides(["test_sweeps=1"], ["vaem", "hh-vaem"]) == {"vaem": {}, "hh-vaem": {"test_sweeps": 1}}
+    with pytest.raises(SystemExit, match="test_sweep"):
+        bench.parse_overrides(["test_sweep=1"], ["vaem", "hh-vaem"])
     for model in bench.VAEM_FAMILY + bench.VAE_FAMILY:      # every option exists on the model's typed config
         build_model(model, load_dataset("yacht").schema, **bench.protocol_kwargs("paper", "wine", model)[0])
 
