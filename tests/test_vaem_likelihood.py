@@ -40,6 +40,31 @@ def test_quadrature_equals_monte_carlo_over_codes(boston):
     assert torch.allclose(quad, mc, atol=0.02), (quad - mc).abs().max()
 
 
+@pytest.mark.parametrize("gaussian_scale", [0.1 ** 0.5, "learned"])
+def test_grid_quadrature_equals_gauss_hermite_on_a_trained_model(boston, gaussian_scale):
+    """The shared-grid fast path (K = 200 samples) computes the Gauss–Hermite integral of the same model, for the
+    paper's fixed code std and for a learned one; a grid that would be too fine falls back to Gauss–Hermite."""
+    data, split = boston
+    torch.manual_seed(2)
+    model = VAEM(data.schema, latent_dim=4, gaussian_scale=gaussian_scale, marginal_steps=150)
+    Trainer(model, seed=0, progress=False, batch_size=64).fit(split.train, 400)
+    model.eval()
+    batch, truth, hidden, h = _inputs(model, split, rows=40, samples=200)
+    with torch.no_grad():
+        codes = model.code_distribution(h)
+        grid = model._grid_quadrature(codes.loc, codes.scale.expand_as(codes.loc), truth.x, hidden)
+        assert grid is not None                                          # the fast path is taken at this K
+        assert torch.equal(model.imputation_log_prob(h, batch, truth.x, hidden), grid)
+        model.cfg.quadrature_grid = False
+        gh = model.imputation_log_prob(h, batch, truth.x, hidden)
+        assert grid.shape == gh.shape and (grid[..., ~hidden] == 0).all()
+        diff = (grid - gh)[..., hidden].abs()
+        assert diff.mean() < 1e-3 and diff.max() < 0.03, (diff.mean(), diff.max())
+        assert gh[..., hidden].std() > 0.3                               # a trained model: entries differ
+        tiny = model._grid_quadrature(codes.loc, torch.full_like(codes.loc, 1e-3), truth.x, hidden)
+    assert tiny is None
+
+
 def test_mean_option_decodes_the_code_mean(boston):
     data, split = boston
     torch.manual_seed(1)

@@ -73,6 +73,14 @@ class VAEMConfig(TableConfig):
             NLL's per-sample geometric mean over entries is biased far upwards).
         quadrature_nodes: Gauss–Hermite nodes for ``"quadrature"`` (boston fold 0: 1.00 / 0.86 / 0.80 / 0.80 nats
             with 10 / 20 / 40 / 100 nodes).
+        quadrature_grid: compute the same integral on one grid of codes shared by all posterior samples when that
+            needs fewer marginal-decoder calls (``G`` grid points against ``K × quadrature_nodes``; always at
+            K = 1000): ``log p(x_d | z_d = g)`` is decoded once per grid point and entry, and each sample's integral
+            is the Riemann sum ``log Σ_g p(x_d | g) N(g; μ_d, σ_d) Δ`` over a grid that spans every μ_d ± 8 σ with
+            4 points per smallest σ. Falls back to Gauss–Hermite when the grid would be larger (a tiny σ). Measured on
+            a trained boston VAEM (K = 200, 40 rows) against a 32-points-per-σ grid: error mean 2e-4 / max 0.003
+            nats, where 64-node Gauss–Hermite is off by 6e-4 / 0.012 (its integrand is not smooth at the scale of
+            σ); the tests check grid against Gauss–Hermite (mean difference below 1e-3).
         code_scale: the std of the dependency VAE's code likelihood ``p(z_d | h)``. ``"table"`` (default): fixed at
             ``gaussian_scale`` when that is a number, as in the reference code, whose dependency VAE shares the
             fixed variance 0.1 of every Gaussian likelihood (Peis et al. 2022 code, ``VAEM``); learned and bounded
@@ -91,6 +99,7 @@ class VAEMConfig(TableConfig):
     marginal_kl_warmup: int = 500
     code_likelihood: str = "quadrature"
     quadrature_nodes: int = 64
+    quadrature_grid: bool = True
     code_scale: Union[str, float] = "table"
     code_min_scale: float = 0.3
 
@@ -154,7 +163,7 @@ class VAEM(TableVAE):
 
     Config = VAEMConfig
     #: options added after checkpoints existed -> the behaviour those checkpoints were trained with
-    legacy_config = {"code_scale": "learned", "code_min_scale": 1e-3}
+    legacy_config = {"code_scale": "learned", "code_min_scale": 1e-3, "quadrature_grid": False}
 
     def __init__(self, schema, config: Optional[VAEMConfig] = None, **options):
         super().__init__(schema, config, **options)
@@ -264,6 +273,10 @@ class VAEM(TableVAE):
         if self.cfg.code_likelihood == "mean":
             return self.code_mean_log_prob(h, batch, x, entries)
         codes = self.code_distribution(h)
+        if self.cfg.quadrature_grid:
+            on_grid = self._grid_quadrature(codes.loc, codes.scale.expand_as(codes.loc), x, entries)
+            if on_grid is not None:
+                return on_grid
         nodes, log_w = _gauss_hermite(int(self.cfg.quadrature_nodes), h.dtype, h.device)
         total = None
         for block in torch.split(torch.arange(len(nodes), device=h.device), 8):
@@ -273,6 +286,32 @@ class VAEM(TableVAE):
             part = torch.logsumexp(lp, 0)
             total = part if total is None else torch.logaddexp(total, part)
         return total.masked_fill(~entries.bool(), 0.0)
+
+    def _grid_quadrature(self, loc: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                         entries: torch.Tensor) -> Optional[torch.Tensor]:
+        """``log ∫ p(x_d | z) N(z; loc, scale) dz`` for codes ``loc, scale`` of shape ``(..., batch, D)`` on one
+        shared grid (see ``quadrature_grid``), or ``None`` when the grid would cost more decoder calls than
+        Gauss–Hermite. Returns ``(..., batch, D)``, 0 off ``entries``."""
+        *lead, B, D = loc.shape
+        samples = max(1, loc.numel() // max(1, B * D))
+        s_min, s_max = float(scale.min()), float(scale.max())
+        lo, hi = float(loc.min()) - 8.0 * s_max, float(loc.max()) + 8.0 * s_max
+        G = int(math.ceil((hi - lo) / (s_min / 4.0))) + 1
+        if not math.isfinite(lo + hi) or G > min(4096, samples * int(self.cfg.quadrature_nodes)):
+            return None
+        grid = torch.linspace(lo, hi, G, dtype=loc.dtype, device=loc.device)
+        log_step = math.log((hi - lo) / (G - 1))
+        params = self.marginal.decode(grid.view(G, 1, 1).expand(G, 1, D))          # (G, 1, P): per column, no b
+        f = self.x_likelihood.log_prob_entries(params.expand(G, B, params.shape[-1]), x, entries)  # (G, B, D)
+        f = f.view(G, *([1] * len(lead)), B, D)
+        block = max(1, int(2e7 // max(1, loc.numel())))
+        log_norm = -torch.log(scale) - 0.5 * math.log(2 * math.pi) + log_step
+        total = None
+        for start in range(0, G, block):
+            g = grid[start:start + block].view(-1, *([1] * loc.dim()))
+            part = torch.logsumexp(f[start:start + block] - 0.5 * ((g - loc) / scale) ** 2, 0)
+            total = part if total is None else torch.logaddexp(total, part)
+        return (total + log_norm).masked_fill(~entries.bool(), 0.0)
 
     def code_mean_log_prob(self, h: torch.Tensor, batch: Batch, x: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """The reference's plug-in ``log p(x_d | z_d = μ_d(h))`` (Peis et al. 2022 code, ``VAEM.test_step``):
