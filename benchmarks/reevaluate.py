@@ -16,8 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import ast
-import dataclasses
 
 import numpy as np
 import xarray as xr
@@ -33,17 +31,16 @@ def _overridden(payload: dict, assignments) -> dict:
 
     Raises: SystemExit naming the field when the model's typed config has no such field."""
     from ppl_vae.models import model_class
+    from ppl_vae.models.config import option_names, parse_assignment
     cls = model_class(payload["model_name"])
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
     config = dict(payload["config"])
     for item in assignments:
-        key, _, raw = item.partition("=")
-        if key not in fields or key == "schema":
-            raise SystemExit(f"--set {item}: {cls.Config.__name__} has no option {key!r}")
         try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+            key, value = parse_assignment(item)
+        except ValueError as exc:
+            raise SystemExit(f"--set: {exc}") from None
+        if key not in option_names(cls.Config):
+            raise SystemExit(f"--set {item}: {cls.Config.__name__} has no option {key!r}")
         config[key] = value
     return {**payload, "config": config}
 

@@ -99,20 +99,15 @@ def protocol_kwargs(protocol: str, dataset: str, model: str) -> tuple[dict, int]
 def parse_overrides(items, models) -> dict:
     """``["FIELD=VALUE", ...]`` -> ``{model: {field: value}}`` for the selected models whose typed config has the
     field. Raises SystemExit naming a field that none of them has (an unknown option is an error)."""
-    import ast
-    import dataclasses
-
     from ppl_vae.models import model_class
+    from ppl_vae.models.config import option_names, parse_assignment
     out = {m: {} for m in models}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or key == "schema":
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
         try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        takers = [m for m in models if key in {f.name for f in dataclasses.fields(model_class(m).Config)}]
+            key, value = parse_assignment(item)
+        except ValueError as exc:
+            raise SystemExit(f"--set: {exc}") from None
+        takers = [m for m in models if key in option_names(model_class(m).Config)]
         if not takers:
             raise SystemExit(f"--set {item}: none of {', '.join(models)} has an option {key!r}")
         for m in takers:

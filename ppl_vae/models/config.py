@@ -12,7 +12,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, TypeVar
 
-__all__ = ["ModelConfig", "resolve_config"]
+__all__ = ["ModelConfig", "resolve_config", "parse_assignment", "option_names"]
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -87,3 +87,23 @@ def resolve_config(config_cls: type[C], config: Optional[C], options: Mapping[st
     if not isinstance(config, config_cls):
         raise TypeError(f"{owner} takes a {config_cls.__name__}, got {type(config).__name__}")
     return config.replace(**options) if options else config
+
+
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """``"FIELD=VALUE"`` -> ``(field, value)``, the value read as a Python literal (``1``, ``0.5``, ``True``,
+    ``[4, 2]``) or else kept as a string (``quadrature``), as the command-line ``--set`` options take it.
+
+    Raises: ValueError without ``=`` or with an empty field name."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected FIELD=VALUE, got {item!r}")
+    import ast
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+def option_names(config_cls: type) -> set[str]:
+    """The options a model's typed config accepts (its dataclass fields, less the ``schema`` it is built for)."""
+    return {f.name for f in fields(config_cls)} - {"schema"}
