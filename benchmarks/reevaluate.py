@@ -6,7 +6,8 @@ effect of an inference-only change (e.g. ``test_sweeps`` of the HMC models) with
     python benchmarks/reevaluate.py runs/hmc-vae-boston runs/hmc-vaem-boston [--num-samples 1000]
     python benchmarks/reevaluate.py uci/paper/vaem-yacht --set code_likelihood=quadrature --write
 
-``--set FIELD=VALUE`` changes an inference-time option of the loaded model's typed config (an unknown field is an
+``--set FIELD=VALUE`` changes an inference option of the loaded model's typed config (declared with
+``ppl_vae.models.config.inference_option``; an unknown field, or a training option such as ``latent_dim``, is an
 error); ``--write`` rewrites the run's ``results.nc`` / ``results.md`` with the new metrics (atomically).
 """
 from __future__ import annotations
@@ -29,9 +30,10 @@ def _overridden(payload: dict, assignments) -> dict:
     """The checkpoint payload with ``FIELD=VALUE`` applied to its stored config, so that the model is *built* with
     the new value (an option a model reads once at construction, such as ``test_sweeps``, takes effect too).
 
-    Raises: SystemExit naming the field when the model's typed config has no such field."""
+    Raises: SystemExit naming the field when the model's typed config has no such field, or when it is a training
+    option (only :func:`~ppl_vae.models.config.inference_option` fields can change after training)."""
     from ppl_vae.models import model_class
-    from ppl_vae.models.config import option_names, parse_assignment
+    from ppl_vae.models.config import inference_option_names, option_names, parse_assignment
     cls = model_class(payload["model_name"])
     config = dict(payload["config"])
     for item in assignments:
@@ -41,6 +43,10 @@ def _overridden(payload: dict, assignments) -> dict:
             raise SystemExit(f"--set: {exc}") from None
         if key not in option_names(cls.Config):
             raise SystemExit(f"--set {item}: {cls.Config.__name__} has no option {key!r}")
+        if key not in inference_option_names(cls.Config):
+            raise SystemExit(f"--set {item}: {key!r} is a training option of {cls.Config.__name__}, it cannot change "
+                             f"after training; inference options: "
+                             f"{', '.join(sorted(inference_option_names(cls.Config))) or 'none'}")
         config[key] = value
     return {**payload, "config": config}
 

@@ -44,6 +44,8 @@ def test_uci_table_smoke(tmp_path):
     assert swept["imputation_nll"] != pytest.approx(base["imputation_nll"], abs=1e-6)
     with pytest.raises(SystemExit, match="test_sweep"):
         reeval.evaluate(hh / "fold0" / "checkpoint.pt", 5, ["test_sweep=3"])
+    with pytest.raises(SystemExit, match="'latent_dim' is a training option"):
+        reeval.evaluate(hh / "fold0" / "checkpoint.pt", 5, ["latent_dim=3"])
     assert bench.main(["--smoke", "--collect", "--out", str(tmp_path), "--name", "rebuilt"]) == 0
     rebuilt = (tmp_path / "rebuilt.md").read_text()
     assert f"| yacht | vaem | {float(after.imputation_nll[0]):.2f} ± 0.00 |" in rebuilt

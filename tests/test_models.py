@@ -8,7 +8,7 @@ from pyro import poutine
 
 from ppl_vae.data import load_dataset
 from ppl_vae.infer import Trainer, evaluate_split, load_model
-from ppl_vae.models import VAE, VAEM, build_model
+from ppl_vae.models import VAE, VAEM, build_model, model_class
 from ppl_vae.errors import UnknownNameError
 
 
@@ -121,6 +121,29 @@ def test_redeclared_target_survives_the_checkpoint(tmp_path):
     with pytest.raises(StaleCheckpointError):
         run_experiment("vae", load_dataset("yacht"), splits=1, steps=40, num_samples=20, seed=0, out=tmp_path,
                        progress=False)
+
+
+def test_inference_options_do_not_make_a_checkpoint_stale(tmp_path):
+    """An option that only changes evaluation (``test_sweeps``, the code quadrature) may differ from the one a
+    finished fold was trained with: the fold is reused (not retrained) and evaluated with the value asked now;
+    a training option that differs is refused."""
+    from ppl_vae.errors import StaleCheckpointError
+    from ppl_vae.models.config import inference_option_names
+    from ppl_vae.pipeline import run_experiment
+    assert inference_option_names(model_class("hh-vaem").Config) == {"test_sweeps", "code_likelihood",
+                                                                      "quadrature_nodes", "quadrature_grid"}
+    ds = load_dataset("yacht")
+    kw = dict(latent_dim=4, hmc_steps=2, leapfrog_steps=2, sksd_chains=4, test_sweeps=1)
+    run = lambda **extra: run_experiment("hmc-vaem", ds, splits=1, steps=30, num_samples=8, seed=0,  # noqa: E731
+                                         out=tmp_path, progress=False, model_kwargs={**kw, **extra})
+    first = run()
+    ckpt = tmp_path / "fold0" / "checkpoint.pt"
+    trained_at = ckpt.stat().st_mtime_ns
+    again = run(test_sweeps=3, quadrature_grid=False)
+    assert ckpt.stat().st_mtime_ns == trained_at                      # reused, not retrained
+    assert float(again["imputation_nll"][0]) != pytest.approx(float(first["imputation_nll"][0]), abs=1e-6)
+    with pytest.raises(StaleCheckpointError, match="leapfrog_steps"):
+        run(leapfrog_steps=3)
 
 
 def test_resume_after_crash_matches_uninterrupted_run(boston_split, tmp_path):

@@ -24,7 +24,7 @@ import random
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import pyro
@@ -262,9 +262,15 @@ _SETTING_ORDER = ("model", "seed", "folds", "fold", "steps", "lr", "batch_size",
                   "config")
 
 
-def check_settings(path: Union[str, Path], stored: Optional[Mapping[str, Any]], asked: Mapping[str, Any]) -> None:
+def check_settings(path: Union[str, Path], stored: Optional[Mapping[str, Any]], asked: Mapping[str, Any],
+                   inference_options: Iterable[str] = ()) -> None:
     """Raise :class:`StaleCheckpointError` naming the first setting in which ``stored`` and ``asked`` differ (a
-    differing ``config`` names the differing constructor argument, e.g. ``latent_dim``)."""
+    differing ``config`` names the differing constructor argument, e.g. ``latent_dim``).
+
+    ``inference_options``: config options that change only evaluation
+    (:func:`~ppl_vae.models.config.inference_option`, e.g. ``test_sweeps``); they may differ, also be absent from a
+    checkpoint written before they existed. Every other option, and every other setting, must be equal."""
+    skip = set(inference_options)
     if not stored:
         raise StaleCheckpointError(path, "settings", None, None,
                                    what="no recorded settings (it was not written by Trainer.fit)")
@@ -280,11 +286,12 @@ def check_settings(path: Union[str, Path], stored: Optional[Mapping[str, Any]], 
                                        f"{str(a)[:12]}…, this data {str(b)[:12]}…)")
         if key == "config" and isinstance(a, Mapping) and isinstance(b, Mapping):
             for sub in sorted(set(a) | set(b), key=str):
-                if a.get(sub) != b.get(sub):
+                if sub not in skip and a.get(sub) != b.get(sub):
                     if sub == "schema":
                         raise StaleCheckpointError(path, "schema", a.get(sub), b.get(sub),
                                                    what="another column schema than this data's")
                     raise StaleCheckpointError(path, sub, a.get(sub), b.get(sub))
+            continue
         raise StaleCheckpointError(path, key, a, b)
 
 

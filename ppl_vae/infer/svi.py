@@ -46,6 +46,7 @@ from ppl_vae.infer.checkpoint import (check_settings, data_fingerprint, load_che
                                       remove_orphaned_tmp, restore_param_store, restore_state, rng_state,
                                       save_checkpoint, set_rng_state)
 from ppl_vae.models.base import Batch, LatentVariableModel
+from ppl_vae.models.config import inference_option_names
 
 __all__ = ["Trainer", "save_checkpoint", "load_checkpoint", "load_model"]
 
@@ -215,7 +216,9 @@ class Trainer:
         stored, asked = state.get("settings"), self._settings
         if stored and ("num_processes" in stored or "num_processes" in asked):  # absent means 1 process
             stored, asked = {"num_processes": 1, **stored}, {"num_processes": 1, **asked}
-        check_settings(self.checkpoint, stored, asked)
+        config_cls = getattr(type(self.model), "Config", None)  # the model is built with today's inference options
+        check_settings(self.checkpoint, stored, asked,
+                       inference_options=inference_option_names(config_cls) if config_cls is not None else ())
         restore_state(self.model, state, self.device)
         return state
 

@@ -5,16 +5,31 @@ options with their defaults. A model is built either from keyword options (``VAE
 config object (``VAE(schema, VAE.Config(latent_dim=5))``); :func:`resolve_config` turns both into one validated
 config and raises ``TypeError`` naming an unknown option (with the closest valid name), like a Python function
 given an unexpected keyword. Checkpoints store ``config.to_dict()`` (plain JSON types) and rebuild the model from it.
+
+Some options change only how a trained model is *evaluated* (e.g. the number of HMC sweeps at test, the quadrature of
+a marginal VAE's code), never what training computes. They are declared with :func:`inference_option`; a checkpoint
+trained with other values of them is not stale (see :func:`~ppl_vae.infer.checkpoint.check_settings`), and a model
+rebuilt from it takes the values asked now.
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional, TypeVar
 
-__all__ = ["ModelConfig", "resolve_config", "parse_assignment", "option_names"]
+__all__ = ["ModelConfig", "resolve_config", "parse_assignment", "option_names", "inference_option",
+           "inference_option_names"]
 
 C = TypeVar("C", bound="ModelConfig")
+
+#: dataclass-field metadata key of an option that only changes evaluation
+_INFERENCE = "inference_only"
+
+
+def inference_option(default: Any) -> Any:
+    """A config field (``dataclasses.field`` with ``default``) that changes only how a trained model is evaluated,
+    never the training computation: checkpoints trained with another value are reused with the value asked now."""
+    return field(default=default, metadata={_INFERENCE: True})
 
 
 def _plain(value: Any) -> Any:
@@ -107,3 +122,8 @@ def parse_assignment(item: str) -> tuple[str, Any]:
 def option_names(config_cls: type) -> set[str]:
     """The options a model's typed config accepts (its dataclass fields, less the ``schema`` it is built for)."""
     return {f.name for f in fields(config_cls)} - {"schema"}
+
+
+def inference_option_names(config_cls: type) -> set[str]:
+    """The options of ``config_cls`` declared with :func:`inference_option` (they do not change training)."""
+    return {f.name for f in fields(config_cls) if f.metadata.get(_INFERENCE)}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ppl_vae.models.base import Batch, TrainingStage
+from ppl_vae.models.config import inference_option
 from ppl_vae.models.tabular.vae import VAE, VAEConfig
 from ppl_vae.models.tabular.vaem import VAEM, VAEMConfig
 
@@ -59,7 +60,7 @@ class HMCOptions:
     sksd_chains: int = 30
     hmc_lr: float = 1e-2
     joint_lr_scale: float = 0.1
-    test_sweeps: int = 4
+    test_sweeps: int = inference_option(4)
 
 
 @dataclass

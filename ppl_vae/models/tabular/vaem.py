@@ -30,6 +30,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ppl_vae.models.base import Batch, TrainingStage
+from ppl_vae.models.config import inference_option
 from ppl_vae.models.tabular.table import TableConfig, TableVAE
 from ppl_vae.nn import ColumnwiseMLP, GaussianHead, MLP
 
@@ -97,9 +98,9 @@ class VAEMConfig(TableConfig):
     marginal_steps: Optional[int] = None
     discrete_kl_weight: float = 0.2
     marginal_kl_warmup: int = 500
-    code_likelihood: str = "quadrature"
-    quadrature_nodes: int = 64
-    quadrature_grid: bool = True
+    code_likelihood: str = inference_option("quadrature")
+    quadrature_nodes: int = inference_option(64)
+    quadrature_grid: bool = inference_option(True)
     code_scale: Union[str, float] = "table"
     code_min_scale: float = 0.3
 
