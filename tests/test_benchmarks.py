@@ -62,7 +62,13 @@ def test_uci_paper_protocol_uses_the_reference_settings_and_data():
     assert load_dataset("wine").schema.target.likelihood == "categorical"
     kw, batch = bench.protocol_kwargs("paper", "yacht", "hh-vaem")
     assert batch == 20 and kw == {"gaussian_scale": 0.1 ** 0.5, "latent_dim": 4, "hmc_steps": 5,
-                                  "marginal_steps": 1000}
+                                  "marginal_steps": 1000, "marginal_lr": 1e-3, "marginal_kl_warmup": 0}
+    # ...and the reference's stage 1 reaches the optimiser: 1000 steps at 1e-3 (ours: max(lr, 3e-3))
+    from ppl_vae.models import build_model as _build
+    schema = load_dataset("yacht").schema
+    first = _build("hh-vaem", schema, **kw).training_stages(5000, lr=1e-3)[0]
+    assert (first.name, first.steps, first.lr) == ("marginal", 1000, 1e-3)
+    assert _build("vaem", schema, marginal_steps=10).training_stages(5000, lr=1e-3)[0].lr == 3e-3
     kw, batch = bench.protocol_kwargs("paper", "boston", "vae")
     assert batch == 100 and kw == {"gaussian_scale": 0.1 ** 0.5, "latent_dim": 10}
     assert bench.protocol_kwargs("default", "yacht", "hh-vaem") == ({}, 128)

@@ -146,6 +146,51 @@ def test_inference_options_do_not_make_a_checkpoint_stale(tmp_path):
         run(leapfrog_steps=3)
 
 
+def test_checkpoint_from_before_an_option_existed_is_judged_by_its_legacy_value(tmp_path):
+    """A finished fold written before a training option existed is compared with the behaviour it was trained with
+    (the class's ``legacy_config``), not with today's default: ``code_input`` absent means the encoder means, so
+    it is reused when ``"mean"`` is asked and refused, naming the option, when ``"sample"`` is."""
+    from ppl_vae.errors import StaleCheckpointError
+    from ppl_vae.infer.checkpoint import _atomic_torch_save, load_checkpoint
+    from ppl_vae.pipeline import run_experiment
+    ds = load_dataset("yacht")
+    run = lambda **extra: run_experiment("vaem", ds, splits=1, steps=20, num_samples=8, seed=0,  # noqa: E731
+                                         out=tmp_path, progress=False,
+                                         model_kwargs={"latent_dim": 3, "marginal_steps": 10, **extra})
+    run()
+    ckpt = tmp_path / "fold0" / "checkpoint.pt"
+    payload = load_checkpoint(ckpt)
+    for where in (payload["settings"]["config"], payload["config"]):
+        where.pop("code_input", None), where.pop("marginal_lr", None)  # as written before these options existed
+    _atomic_torch_save(payload, ckpt)
+    trained_at = ckpt.stat().st_mtime_ns
+    run()
+    assert ckpt.stat().st_mtime_ns == trained_at                      # reused
+    with pytest.raises(StaleCheckpointError, match="code_input"):
+        run(code_input="sample")
+
+
+def test_sampled_marginal_codes_are_drawn_once_per_batch(boston_split):
+    """``code_input="sample"``: the dependency VAE reads one draw from q(z_d | x_d) per row (the reference code),
+    the same draw for the encoder input and the code likelihood of a step; ``"mean"`` reads the encoder mean."""
+    ds = load_dataset("boston")
+    batch = boston_split.train.batch()[:64]
+    means = VAEM(ds.schema, latent_dim=3, marginal_steps=5)
+    torch.manual_seed(0)
+    sampled = VAEM(ds.schema, latent_dim=3, marginal_steps=5, code_input="sample")
+    sampled.marginal.load_state_dict(means.marginal.state_dict())
+    loc, scale = means.marginal.encode(means.observation_features_for_predictor(batch), batch.x_mask.bool())
+    observed = batch.x_mask.bool()
+    assert torch.equal(means.codes(batch)[observed], loc[observed])
+    z = sampled.codes(batch)
+    assert z is sampled.codes(batch) and z is sampled.observation_features(batch)   # one draw per batch
+    std = ((z - loc) / scale)[observed]
+    assert abs(float(std.mean())) < 0.1 and float(std.std()) == pytest.approx(1.0, abs=0.1)
+    assert torch.all(z[~observed] == 0)
+    with pytest.raises(ValueError, match="code_input"):
+        VAEM(ds.schema, code_input="draw")
+
+
 def test_resume_after_crash_matches_uninterrupted_run(boston_split, tmp_path):
     ds = load_dataset("boston")
 

@@ -216,6 +216,9 @@ class Trainer:
         stored, asked = state.get("settings"), self._settings
         if stored and ("num_processes" in stored or "num_processes" in asked):  # absent means 1 process
             stored, asked = {"num_processes": 1, **stored}, {"num_processes": 1, **asked}
+        legacy = getattr(type(self.model), "legacy_config", {})  # options added later: what old checkpoints did
+        if stored and legacy and isinstance(stored.get("config"), dict):
+            stored = {**stored, "config": {**legacy, **stored["config"]}}
         config_cls = getattr(type(self.model), "Config", None)  # the model is built with today's inference options
         check_settings(self.checkpoint, stored, asked,
                        inference_options=inference_option_names(config_cls) if config_cls is not None else ())
