@@ -37,6 +37,7 @@ from ppl_vae.nn import ColumnwiseMLP, GaussianHead, MLP
 __all__ = ["MarginalVAEs", "VAEM", "VAEMConfig"]
 
 CODE_LIKELIHOODS = ("quadrature", "mean")
+CODE_INPUTS = ("mean", "sample")
 
 
 def _gauss_hermite(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +184,8 @@ class VAEM(TableVAE):
         super().__init__(schema, config, **options)
         if self.cfg.code_likelihood not in CODE_LIKELIHOODS:
             raise ValueError(f"unknown code_likelihood {self.cfg.code_likelihood!r}; choose one of {CODE_LIKELIHOODS}")
-        if self.cfg.code_input not in ("mean", "sample"):
-            raise ValueError(f"unknown code_input {self.cfg.code_input!r}; choose 'mean' or 'sample'")
+        if self.cfg.code_input not in CODE_INPUTS:
+            raise ValueError(f"unknown code_input {self.cfg.code_input!r}; choose one of {CODE_INPUTS}")
         if int(self.cfg.quadrature_nodes) < 1:
             raise ValueError(f"quadrature_nodes must be >= 1, got {self.cfg.quadrature_nodes}")
         hidden = list(self.cfg.hidden)
