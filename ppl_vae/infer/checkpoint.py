@@ -33,7 +33,7 @@ import torch
 
 from ppl_vae.errors import CheckpointError, StaleCheckpointError
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "restore_state",
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "with_legacy_options", "restore_state",
            "rng_state", "set_rng_state", "param_store_state", "restore_param_store", "constraint_to_spec",
            "spec_to_constraint", "remove_orphaned_tmp", "data_fingerprint", "check_settings",
            "StaleCheckpointError"]
@@ -363,6 +363,13 @@ def restore_state(model: torch.nn.Module, payload: Mapping[str, Any], device: An
     restore_param_store(entries, model, sd, device)
 
 
+def with_legacy_options(cls, config: Mapping) -> dict:
+    """``config`` (a checkpoint's constructor arguments) completed with the values ``cls`` had *before* options that
+    were added later (the class attribute ``legacy_config``; today's defaults are never used), so an old checkpoint
+    is rebuilt and judged as the model it was trained as. Keys present in ``config`` win."""
+    return {**getattr(cls, "legacy_config", {}), **config}
+
+
 def load_model(path_or_payload: Union[str, Path, dict], map_location: Union[str, torch.device] = "cpu"):
     """Rebuild the model of a checkpoint and load its parameters and Pyro param store.
 
@@ -387,7 +394,7 @@ def load_model(path_or_payload: Union[str, Path, dict], map_location: Union[str,
     config = payload.get("config")
     if not isinstance(config, Mapping):
         raise CheckpointError("checkpoint config is not a dict of constructor arguments")
-    config = {**getattr(cls, "legacy_config", {}), **config}
+    config = with_legacy_options(cls, config)
     try:
         model = cls(**config)
     except (TypeError, ValueError) as exc:

@@ -44,7 +44,7 @@ from ppl_vae.errors import CheckpointError, NonFiniteLossError, PplVaeError, Tra
 from ppl_vae.infer import distributed as _dist
 from ppl_vae.infer.checkpoint import (check_settings, data_fingerprint, load_checkpoint, load_model,
                                       remove_orphaned_tmp, restore_param_store, restore_state, rng_state,
-                                      save_checkpoint, set_rng_state)
+                                      save_checkpoint, set_rng_state, with_legacy_options)
 from ppl_vae.models.base import Batch, LatentVariableModel
 from ppl_vae.models.config import inference_option_names
 
@@ -216,9 +216,8 @@ class Trainer:
         stored, asked = state.get("settings"), self._settings
         if stored and ("num_processes" in stored or "num_processes" in asked):  # absent means 1 process
             stored, asked = {"num_processes": 1, **stored}, {"num_processes": 1, **asked}
-        legacy = getattr(type(self.model), "legacy_config", {})  # options added later: what old checkpoints did
-        if stored and legacy and isinstance(stored.get("config"), dict):
-            stored = {**stored, "config": {**legacy, **stored["config"]}}
+        if stored and isinstance(stored.get("config"), dict):  # options added later: what old checkpoints did
+            stored = {**stored, "config": with_legacy_options(type(self.model), stored["config"])}
         config_cls = getattr(type(self.model), "Config", None)  # the model is built with today's inference options
         check_settings(self.checkpoint, stored, asked,
                        inference_options=inference_option_names(config_cls) if config_cls is not None else ())
