@@ -245,7 +245,8 @@ def targets(ds: xr.Dataset) -> list[str]:
     (1) HH-VAEM at or below the paper's HH-VAEM mean (strictly: our fold mean <= the paper's 10-fold mean) on
     imputation NLL at the code mean (the reference's evaluation) and on target NLL; (2) HH-VAEM best or tied
     among the VAEM-family models that ran ("tied": within the larger fold std of the two); (3) each HMC-refined
-    model against its Gaussian-guide counterpart (win or tie, same tie rule). Returns markdown lines."""
+    model against its Gaussian-guide counterpart (win or tie, same tie rule). Every comparison between two models
+    is over the folds both ran (cells may hold different numbers of folds). Returns markdown lines."""
     models = [str(m) for m in ds.model.values]
 
     def ran(model, d) -> bool:
@@ -266,11 +267,20 @@ def targets(ds: xr.Dataset) -> list[str]:
         pm = PAPER["hh-vaem"].get(d)
         return pm is not None and _mean_std(ds.sel(dataset=d, model="hh-vaem"), key)[0] <= pm[key == "target_nll"][0]
 
+    def paired(key, d, model, other) -> tuple[float, float, float, float]:
+        """Mean and std of ``model`` and ``other`` over the folds both ran (fold counts differ between cells)."""
+        a, b = (ds[key].sel(dataset=d, model=m).values for m in (model, other))
+        both_ran = np.isfinite(a) & np.isfinite(b)
+        if not both_ran.any():
+            return (float("nan"),) * 4
+        a, b = a[both_ran], b[both_ran]
+        return float(a.mean()), float(a.std()), float(b.mean()), float(b.std())
+
     def best_or_tied(key, d, model="hh-vaem", among=VAEM_FAMILY, tie=True):
-        m0, s0 = _mean_std(ds.sel(dataset=d, model=model), key)
-        others = [_mean_std(ds.sel(dataset=d, model=o), key) for o in among if o in models and o != model]
-        others = [o for o in others if np.isfinite(o[0])]
-        return np.isfinite(m0) and all(m0 <= m + (max(s0, s) if tie else 0.0) for m, s in others)
+        if not np.isfinite(_mean_std(ds.sel(dataset=d, model=model), key)[0]):
+            return False
+        pairs = [paired(key, d, model, o) for o in among if o in models and o != model]
+        return all(m0 <= m + (max(s0, s) if tie else 0.0) for m0, s0, m, s in pairs if np.isfinite(m))
 
     def both(key, model="hh-vaem", among=VAEM_FAMILY) -> str:
         over = [d for d in data if ran(model, d)] if len(among) > 1 else \
